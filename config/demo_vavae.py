@@ -1,0 +1,20 @@
+# The demo's tokenizer: a narrow VA-VAE (ch 32, 4.5M parameters) on the 64 px demo images (4x4x32 latents).
+# Offline the foundation model is an untrained DINOv2-S/14 (vf_weights="random"); with internet access pass
+# --vf_weights=hub to align with the real one. LPIPS is off (its VGG16 would dominate a CPU run).
+data_dir = "out/demo/images"
+out_dir = "out/demo/vavae"
+image_size = 64
+ch = 32
+vf_model = "vit_small_patch14_dinov2.lvd142m"
+vf_weights = "random"
+vf_image_size = 56  # 4x4 patches of 14 px, one per latent position
+lpips_weights = "random"
+perceptual_weight = 0.0
+disc_start = 300
+global_batch_size = 16
+lr = 5e-4
+epochs = 8
+num_workers = 1
+log_every = 25
+image_every = 250
+ckpt_every = 250

@@ -1,0 +1,207 @@
+"""train_dit.py on tiny random latents: learning, exact resume (1 and 2 gloo ranks), faults and clear errors."""
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import ASSETS, ROOT
+
+TINY = ["--model_name=LightningDiT-B/1", "--depth=2", "--hidden_size=64", "--num_heads=2", "--num_classes=4",
+        "--global_batch_size=16", "--log_every=1"]
+
+
+def write_latents(folder, n=64, shards=2, shape=(32, 4, 4), seed=0):
+    """Each of 4 classes is a fixed random pattern plus a little noise: something a tiny model can learn."""
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    labels = torch.arange(n) % 4
+    latents = torch.randn(4, *shape, generator=g)[labels] + 0.1 * torch.randn(n, *shape, generator=g)
+    for s, part in enumerate(torch.arange(n).chunk(shards)):
+        save_file({"latents": latents[part].contiguous(), "latents_flip": latents[part].flip(-1).contiguous(),
+                   "labels": labels[part].contiguous()}, os.path.join(folder, f"latents_rank00_shard{s:03d}.safetensors"))
+    torch.save({"mean": latents.mean((0, 2, 3), keepdim=True), "std": latents.std((0, 2, 3), keepdim=True)},
+               os.path.join(folder, "latents_stats.pt"))
+    return folder
+
+
+def train(*args):
+    """Run train_dit.py in this process (fast: no new interpreter); returns what it printed."""
+    argv = sys.argv
+    sys.argv = ["train_dit.py", *TINY, *args]
+    try:
+        runpy.run_path(os.path.join(ROOT, "train_dit.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_latents(str(tmp_path_factory.mktemp("latents")))
+
+
+def test_loss_goes_down(data, tmp_path, capsys):
+    train(f"--data_dir={data}", f"--out_dir={tmp_path}", "--epochs=15", "--lr=3e-3", "--ckpt_every=1000")
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+              if "| loss " in line]
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.75 * sum(losses[:10]) / 10
+    checkpoint = torch.load(tmp_path / "step_00000060.pt", weights_only=True)
+    assert checkpoint["step"] == 60 and checkpoint["epoch"] == 15 and checkpoint["config"]["lr"] == 3e-3
+    assert set(checkpoint) == {"model", "ema", "optimizer", "step", "epoch", "config"}
+
+
+def assert_same_state(a, b):
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for i, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
+
+
+def test_resume_is_bitwise_exact(data, tmp_path):
+    common = [f"--data_dir={data}", "--epochs=2", "--ckpt_every=3", "--micro_batch_size=8", "--ema_decay=0.9"]
+    train(*common, f"--out_dir={tmp_path / 'straight'}")
+    train(*common, f"--out_dir={tmp_path / 'resumed'}", "--max_steps=3")
+    train(*common, f"--out_dir={tmp_path / 'resumed'}")  # picks up step 3
+    straight = torch.load(tmp_path / "straight" / "step_00000008.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "step_00000008.pt", weights_only=True)
+    assert_same_state(straight, resumed)
+
+
+def test_resume_picks_the_newest_step_not_the_largest_file(data, tmp_path):
+    train(f"--data_dir={data}", f"--out_dir={tmp_path}", "--epochs=1", "--ckpt_every=2")
+    with open(tmp_path / "step_00000002.pt", "ab") as f:
+        f.write(b"\0" * 10_000_000)  # the oldest checkpoint is now the largest file
+    (tmp_path / ".step_00000005.pt.tmp123").write_bytes(b"half-written")  # a crash mid-write leaves only a temp file
+    train(f"--data_dir={data}", f"--out_dir={tmp_path}", "--epochs=2", "--ckpt_every=2")
+    assert torch.load(tmp_path / "step_00000008.pt", weights_only=True)["step"] == 8
+
+
+def torchrun(nproc, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           os.path.join(ROOT, "train_dit.py"), *TINY, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_two_gloo_ranks_resume_bitwise(data, tmp_path):
+    common = [f"--data_dir={data}", "--epochs=2", "--ckpt_every=2"]
+    out = torchrun(2, *common, f"--out_dir={tmp_path / 'straight'}")
+    assert "2 process(es) x 1 micro-batch(es) of 8" in out
+    torchrun(2, *common, f"--out_dir={tmp_path / 'resumed'}", "--max_steps=2")
+    torchrun(2, *common, f"--out_dir={tmp_path / 'resumed'}")
+    straight = torch.load(tmp_path / "straight" / "step_00000008.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "step_00000008.pt", weights_only=True)
+    assert_same_state(straight, resumed)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    train(f"--data_dir={data}", f"--out_dir={tmp_path}", "--epochs=1", "--ckpt_every=2", "--max_steps=2")
+    before = (tmp_path / "step_00000002.pt").read_bytes()
+    with pytest.raises(SystemExit, match="non-finite loss at step"):
+        train(f"--data_dir={data}", f"--out_dir={tmp_path}", "--epochs=2", "--ckpt_every=2", "--lr=1e30")
+    assert sorted(os.listdir(tmp_path)) == ["step_00000002.pt"]
+    assert (tmp_path / "step_00000002.pt").read_bytes() == before
+
+
+def test_nonfinite_skip_leaves_weights_and_ema_untouched(data, tmp_path, monkeypatch, capsys):
+    import dit
+    real_loss = dit.rectified_flow_loss
+
+    def poisoned(model, x1, y, t, x0):
+        mse, cos = real_loss(model, x1, y, t, x0)
+        return mse * float("nan"), cos
+    monkeypatch.setattr(dit, "rectified_flow_loss", poisoned)
+    train(f"--data_dir={data}", f"--out_dir={tmp_path}", "--epochs=1", "--nonfinite=skip", "--max_steps=2",
+          "--ckpt_every=2", "--log_every=100")
+    assert "step 0: non-finite loss, step skipped" in capsys.readouterr().out
+    checkpoint = torch.load(tmp_path / "step_00000002.pt", weights_only=True)
+    for name, value in checkpoint["ema"].items():
+        assert torch.equal(value, checkpoint["model"][name]), name  # nothing was learnt, nothing was poisoned
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_compile_smoke(data, tmp_path):
+    """The one torch.compile run on CPU (a cold compile costs ~20 s)."""
+    train(f"--data_dir={data}", f"--out_dir={tmp_path}", "--epochs=1", "--max_steps=2", "--compile=True")
+    assert torch.load(tmp_path / "step_00000002.pt", weights_only=True)["step"] == 2
+
+
+def bad_shards(folder):
+    write_latents(folder)
+    save_file({"latents": torch.zeros(4, 32, 8, 8), "latents_flip": torch.zeros(4, 32, 8, 8),
+               "labels": torch.zeros(4, dtype=torch.long)}, os.path.join(folder, "latents_rank01_shard000.safetensors"))
+
+
+def nan_latents(folder):
+    write_latents(folder)
+    save_file({"latents": torch.full((16, 32, 4, 4), float("nan")), "latents_flip": torch.zeros(16, 32, 4, 4),
+               "labels": torch.zeros(16, dtype=torch.long)}, os.path.join(folder, "latents_rank01_shard000.safetensors"))
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    (None, [], "data_dir .* does not exist"),
+    (os.makedirs, [], "holds no .safetensors shards"),
+    (lambda f: (write_latents(f), os.remove(os.path.join(f, "latents_stats.pt"))), [], "latents_stats.pt is missing"),
+    (bad_shards, [], r"holds latents of shape \[32, 8, 8\], others \[32, 4, 4\]"),
+    (lambda f: (write_latents(f), open(os.path.join(f, "latents_rank00_shard000.safetensors"), "wb").write(b"x")),
+     [], "is unreadable"),
+    (write_latents, ["--num_classes=3"], r"labels in .* span \[0, 3\], outside \[0, 3\)"),
+    (write_latents, ["--epochs=1", "--max_steps=9"], "--max_steps=9 is past the end of --epochs=1"),
+    (write_latents, ["--global_batch_size=128"], "fewer than one global batch"),
+    (write_latents, ["--micro_batch_size=5"], "micro_batch_size 5 does not divide"),
+    (write_latents, ["--nonfinite=maybe"], "nonfinite must be"),
+    (nan_latents, ["--epochs=4"], "non-finite values in the latents"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, setup, args, message):
+    folder = str(tmp_path / "data")
+    if setup:
+        setup(folder)
+    with pytest.raises(SystemExit, match=message):
+        train(f"--data_dir={folder}", f"--out_dir={tmp_path / 'out'}", *args)
+    assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+
+
+def test_checkpoint_of_another_size_names_the_differing_keys(data, tmp_path):
+    train(f"--data_dir={data}", f"--out_dir={tmp_path}", "--epochs=1", "--max_steps=2", "--ckpt_every=2")
+    with pytest.raises(SystemExit, match=r"does not fit this model .*unexpected: blocks\.1\.norm1\.weight"):
+        train(f"--data_dir={data}", f"--out_dir={tmp_path}", "--epochs=1", "--depth=1")
+
+
+def test_sample_grid_and_online_fid_when_a_decoder_is_given(data, tmp_path, capsys):
+    from PIL import Image
+
+    from vavae import AutoencoderKL
+    torch.manual_seed(0)
+    ae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())  # f2: 4x4 latents -> 8x8 px
+    torch.save({"autoencoder": ae.state_dict(), "autoencoder_kwargs": ae.kwargs}, tmp_path / "ae.pt")
+    with pytest.raises(SystemExit, match="--sample_every and --fid_every need --vavae_path"):
+        train(f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--epochs=1", "--sample_every=2")
+    train(f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--epochs=1", "--max_steps=2", "--sample_every=2",
+          f"--vavae_path={tmp_path / 'ae.pt'}")
+    grid = Image.open(tmp_path / "run" / "samples_00000002.png")
+    assert grid.size == (8 * 8, 8) and grid.mode == "RGB"
+
+    inception = os.path.join(ASSETS, "pt_inception-2015-12-05.pth")
+    if not os.path.exists(inception):
+        print(f"online FID part skipped: {inception} not found")
+        return
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i in range(6):
+        Image.fromarray(torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8).numpy()).save(reference / f"{i}.png")
+    with pytest.raises(SystemExit, match="--fid_every needs --fid_reference"):
+        train(f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--epochs=1", "--fid_every=2",
+              f"--vavae_path={tmp_path / 'ae.pt'}")
+    train(f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--epochs=1", "--fid_every=2", "--fid_num_samples=6",
+          f"--fid_reference={reference}", f"--inception_weights={inception}", f"--vavae_path={tmp_path / 'ae.pt'}")
+    fid_lines = [line for line in capsys.readouterr().out.splitlines() if "| FID " in line]
+    assert [line.split(" |")[0] for line in fid_lines] == ["step 4"]  # resumed at 2: step 4 is the next and last
+    assert 0 < float(fid_lines[0].split("FID ")[1].split()[0]) < 1000

@@ -1,0 +1,379 @@
+"""Train the VA-VAE tokenizer: L1 + LPIPS reconstruction, KL, PatchGAN, and the VF loss aligning the latent to DINOv2.
+
+    python train_vavae.py --data_dir=data/imagenet/train --lpips_weights=vgg.pth                # one process
+    torchrun --nproc_per_node=8 train_vavae.py config/vavae_stage1.py                       # the release's 3 stages
+    torchrun --nproc_per_node=8 train_vavae.py config/vavae_stage2.py                       # (each starts from the
+    torchrun --nproc_per_node=8 train_vavae.py config/vavae_stage3.py                       #  previous one's weights)
+
+The defaults are the release recipe (vavae/configs/f16d32_vfdinov2.yaml): 50 epochs, Adam 1e-4, betas (0.5, 0.9), 256
+images per step, KL weight 1e-6, adaptive VF weight 0.1 with margins m1 = 0.5, m2 = 0.25, adaptive GAN weight 0.5.
+Data: an ImageNet-layout folder (data_dir/<class>/<image>). As the release (taming ImagePaths), each image is resized
+so that its short side is image_size (small images are upscaled, large ones downscaled; bilinear) and cropped at a
+random position; no flips. Unreadable images are skipped (their batch is one smaller) and reported at the end.
+
+Checkpoints: out_dir/step_XXXXXXXX.pt = {autoencoder, autoencoder_kwargs, vf_loss (linear_proj), discriminator, both
+optimizers, step, epoch, config}, + autoencoder_ema (which vavae.load_autoencoder prefers) if kept. A rerun with the
+same out_dir resumes from the highest step. All randomness is a function of (seed, step, rank) -- the epoch order and
+crop positions of (seed, epoch), the posterior noise and LPIPS dropout of a per-step seed -- so a resumed run continues
+bit for bit without stored generator states.
+"""
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from config import checkpoint_name, configure, latest_checkpoint, load_checkpoint, save_checkpoint, setup_distributed
+from vavae import (AutoencoderKL, FoundationModel, LPIPS, NLayerDiscriminator, VFLoss, adaptive_weight, hinge_d_loss,
+                   images_to_uint8, load_autoencoder, load_weights)
+
+# data
+data_dir = "data/imagenet/train"  # one subfolder per class
+image_size = 256  # training crop; the latent is image_size / 16
+num_workers = 8  # image decoding processes per rank
+# autoencoder (the released f16d32; only the width and latent channels are exposed)
+ch = 128
+embed_dim = 32
+init_from = ""  # start from these weights (a checkpoint or a folder of them; the released file works too)
+# VF loss (paper section 3.2)
+vf_model = "vit_large_patch14_dinov2.lvd142m"  # timm name; "vit_large_patch16_224.mae" for MAE; "" for the LDM baseline
+vf_weights = "hub"  # "hub": download through timm; or a local weights file; "random": untrained (tests only)
+vf_image_size = 224  # the image is resized to this for the foundation model (DINOv2 224 -> 16x16; MAE: 256)
+vf_imagenet_norm = False  # the release feeds DINOv2 the [-1,1] image without ImageNet normalisation
+vf_weight = 0.1  # times the adaptive weight ||grad nll|| / ||grad vf||
+cos_margin = 0.5  # m1
+distmat_margin = 0.25  # m2
+# reconstruction and GAN losses
+lpips_weights = "vgg.pth"  # LPIPS heads (`lpips` package: lpips/weights/v0.1/vgg.pth) or a checkpoint with them
+perceptual_weight = 1.0  # 0: no LPIPS (not even built)
+kl_weight = 1e-6
+disc_weight = 0.5  # times the adaptive weight ||grad nll|| / ||grad g_loss||
+disc_start = 2501  # first step with the GAN; the release's 5001 counts Lightning optimizer steps, two per step
+# optimisation
+epochs = 50
+max_steps = 0  # stop at this step if > 0 (it must fall within the epochs)
+global_batch_size = 256
+micro_batch_size = 0  # per-process batch of one forward pass; 0: the whole share (smaller: gradient accumulation)
+lr = 1e-4
+beta1 = 0.5
+beta2 = 0.9
+ema_decay = 0.0  # keep an EMA of the autoencoder weights if > 0 (the release keeps none)
+# system
+seed = 0
+out_dir = "out/vavae"
+log_every = 50
+image_every = 1000  # write a PNG of inputs over reconstructions every N steps if > 0
+ckpt_every = 5000
+compile = None  # torch.compile the networks; None: on CUDA only
+bf16 = None  # bf16 autocast; None: on CUDA only (bf16 is very slow on CPUs)
+allow_unsafe_checkpoint = False
+config = configure(globals())
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def list_images(root):
+    if not os.path.isdir(root):
+        fail(f"data_dir {root} does not exist (expected an ImageNet-layout folder: {root}/<class>/<image>)")
+    files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
+                   for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return files
+
+
+class RandomCrops(torch.utils.data.Dataset):
+    """Item (index, crop seed) -> (3, S, S) float image in [-1, 1], or None if the file cannot be decoded."""
+
+    def __init__(self, files, size):
+        self.files, self.size = files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, crop_seed = item
+        try:
+            with Image.open(self.files[index]) as image:
+                image = image.convert("RGB")  # greyscale, CMYK, palette, RGBA (alpha dropped) -> RGB
+        except Exception:  # noqa: BLE001 -- PIL raises many types for broken files
+            return None
+        scale = self.size / min(image.size)  # short side -> size, as the release (it upscales small images too)
+        image = image.resize((max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))),
+                             resample=Image.BILINEAR)
+        rng = random.Random(crop_seed)
+        left, top = rng.randint(0, image.width - self.size), rng.randint(0, image.height - self.size)
+        crop = np.array(image.crop((left, top, left + self.size, top + self.size)))
+        return torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1.0  # = (u8 / 255 - 0.5) / 0.5
+
+
+def collate(items):
+    good = [x for x in items if x is not None]
+    return (torch.stack(good) if good else None), len(items) - len(good)
+
+
+def epoch_order(epoch, n):
+    """The permutation of the dataset and a crop seed per image for one epoch."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator), torch.randint(2 ** 31, (n,), generator=generator)
+
+
+def micro_batches(start_step):
+    """[(index, crop seed)] for each micro-batch of this rank, from start_step to the end of training."""
+    epoch = -1
+    for step in range(start_step, total_steps):
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            order, crop_seeds = epoch_order(epoch, len(files))
+        position = (step % steps_per_epoch) * global_batch_size + rank * per_rank
+        for k in range(accumulation):
+            indices = order[position + k * micro: position + (k + 1) * micro]
+            yield list(zip(indices.tolist(), crop_seeds[indices].tolist()))
+
+
+def load_strict(module, state, what):
+    load_weights(module, state, what, " (check --ch/--embed_dim/--vf_model)")
+
+
+def average_gradients(params):
+    """Mean gradient over processes: one all-reduce after all micro-batches. Done by hand rather than by DDP hooks, so
+    that the autograd.grad calls of the adaptive weights and the three discriminator passes per step need no care."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for g, chunk in zip(grads, flat.div_(world_size).split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def save_image_grid(x, recon, step):
+    """Inputs (top row) over reconstructions (bottom row), at most 8 images."""
+    rows = images_to_uint8(torch.cat([x[:8], recon[:8]]).float()).cpu()  # (2n, H, W, 3)
+    n, h, w = len(rows) // 2, rows.shape[1], rows.shape[2]
+    grid = rows.reshape(2, n, h, w, 3).permute(0, 2, 1, 3, 4).reshape(2 * h, n * w, 3)
+    Image.fromarray(grid.numpy()).save(os.path.join(out_dir, f"recon_{step:08d}.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# setup
+
+rank, world_size, device = setup_distributed()
+master = rank == 0
+use_compile = device.type == "cuda" if compile is None else compile
+use_bf16 = device.type == "cuda" if bf16 is None else bf16
+autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+if device.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+if master:
+    print("config:", config)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"could not create out_dir {out_dir}: {e.strerror}")
+
+if global_batch_size < 1 or micro_batch_size < 0:
+    fail(f"global_batch_size must be positive and micro_batch_size >= 0 (got {global_batch_size}, {micro_batch_size})")
+if global_batch_size % world_size:
+    fail(f"global_batch_size {global_batch_size} is not divisible by the {world_size} processes")
+per_rank = global_batch_size // world_size
+micro = micro_batch_size or per_rank
+if per_rank % micro:
+    fail(f"micro_batch_size {micro} does not divide the per-process batch {per_rank}")
+accumulation = per_rank // micro
+if image_size % 16 or ch % 32:
+    fail(f"image_size ({image_size}) must be a multiple of 16 and ch ({ch}) of 32 (GroupNorm has 32 groups)")
+
+files = list_images(data_dir)
+steps_per_epoch = len(files) // global_batch_size
+if steps_per_epoch == 0:
+    fail(f"{len(files)} images in {data_dir} are fewer than one global batch of {global_batch_size}")
+total_steps = epochs * steps_per_epoch
+if max_steps > total_steps:
+    fail(f"--max_steps={max_steps} is past the end of --epochs={epochs} ({total_steps} steps of {global_batch_size}); "
+         "raise --epochs or lower --max_steps")
+total_steps = max_steps or total_steps
+
+torch.manual_seed(seed)  # the same initial weights on every rank
+autoencoder = AutoencoderKL(ch=ch, z_channels=embed_dim, embed_dim=embed_dim).to(device)
+discriminator = NLayerDiscriminator().to(device)
+lpips = LPIPS(lpips_weights, allow_unsafe_checkpoint).to(device) if perceptual_weight > 0 else None
+if lpips:
+    lpips.train()  # release quirk: Lightning switches the whole module to train mode, so LPIPS's dropout is active
+foundation = FoundationModel(vf_model, vf_weights, vf_image_size, vf_imagenet_norm).to(device) if vf_model else None
+latent_side = image_size // autoencoder.downsample_factor
+if foundation and foundation.grid != latent_side:
+    fail(f"{vf_model} at --vf_image_size={vf_image_size} gives a {foundation.grid}x{foundation.grid} token grid but "
+         f"{image_size} px images give {latent_side}x{latent_side} latents; set vf_image_size = latent side x patch")
+vf_loss = VFLoss(embed_dim, foundation.feature_dim, cos_margin, distmat_margin).to(device) if foundation else None
+ema = AutoencoderKL(**autoencoder.kwargs).to(device).requires_grad_(False) if ema_decay > 0 else None
+trained = {"autoencoder": autoencoder, "discriminator": discriminator} | ({"vf_loss": vf_loss} if vf_loss else {})
+
+ae_params = list(autoencoder.parameters()) + (list(vf_loss.parameters()) if vf_loss else [])
+optimizer_ae = torch.optim.Adam(ae_params, lr=lr, betas=(beta1, beta2))
+optimizer_disc = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, beta2))
+
+step = 0
+resume_path = latest_checkpoint(out_dir)
+if resume_path:
+    checkpoint = load_checkpoint(resume_path, allow_unsafe_checkpoint)
+    for name, module in trained.items():
+        load_strict(module, checkpoint.get(name, {}), f"{name} of {resume_path}")
+    if ema is not None:
+        load_strict(ema, checkpoint.get("autoencoder_ema", checkpoint["autoencoder"]), resume_path)
+    optimizer_ae.load_state_dict(checkpoint["optimizer_ae"])
+    optimizer_disc.load_state_dict(checkpoint["optimizer_disc"])
+    step = checkpoint["step"]
+    del checkpoint
+    if master:
+        print(f"resumed from {resume_path} at step {step}")
+elif init_from:  # weights only: a new stage starts with fresh optimizers at step 0
+    path = latest_checkpoint(init_from) if os.path.isdir(init_from) else init_from
+    if path is None:
+        fail(f"--init_from={init_from} is a folder without step_*.pt checkpoints")
+    load_strict(autoencoder, load_autoencoder(path, allow_unsafe_checkpoint).state_dict(), path)
+    checkpoint = load_checkpoint(path, allow_unsafe_checkpoint)
+    release = checkpoint.get("state_dict", {})  # the release's Lightning checkpoint keeps the loss modules here
+    release = {"vf_loss": {k: v for k, v in release.items() if k.startswith("linear_proj.")},
+               "discriminator": {k.removeprefix("loss.discriminator."): v for k, v in release.items()
+                                 if k.startswith("loss.discriminator.")}}
+    for name in ("vf_loss", "discriminator"):
+        state = checkpoint.get(name) or release[name]
+        if name in trained and state:
+            load_strict(trained[name], state, f"{name} of {path}")
+        elif name in trained and master:
+            print(f"note: {path} has no {name} weights; it starts from its initialisation")
+    del checkpoint
+    if master:
+        print(f"initialised from {path}")
+if ema is not None and not resume_path:
+    ema.load_state_dict(autoencoder.state_dict())
+
+if use_compile:  # in place, so that state_dict keys keep their names
+    for module in (autoencoder.encoder, autoencoder.decoder, discriminator, lpips, foundation):
+        if module is not None:
+            module.compile()
+decoder_last, encoder_last = autoencoder.decoder.conv_out.weight, autoencoder.encoder.conv_out.weight
+if master:
+    print(f"{sum(p.numel() for p in autoencoder.parameters()):,} autoencoder parameters; {len(files):,} images; "
+          f"{steps_per_epoch} steps per epoch; training to step {total_steps}; {world_size} process(es) x "
+          f"{accumulation} micro-batch(es) of {micro}")
+
+
+def save(step):
+    if master:
+        state = {name: module.state_dict() for name, module in trained.items()}
+        state |= {"autoencoder_kwargs": autoencoder.kwargs, "optimizer_ae": optimizer_ae.state_dict(),
+                  "optimizer_disc": optimizer_disc.state_dict(), "step": step, "epoch": step / steps_per_epoch,
+                  "config": config}
+        if ema is not None:
+            state["autoencoder_ema"] = ema.state_dict()
+        save_checkpoint(state, os.path.join(out_dir, checkpoint_name(step)))
+        print(f"saved {os.path.join(out_dir, checkpoint_name(step))}")
+    if world_size > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training loop
+
+loader = torch.utils.data.DataLoader(RandomCrops(files, image_size), batch_sampler=micro_batches(step),
+                                     num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda")
+batches = iter(loader)
+LOG_NAMES = ("loss", "nll", "kl", "vf_loss", "vf_weight", "g_loss", "d_weight", "d_loss")
+log_sums, log_steps, log_time, skipped = torch.zeros(len(LOG_NAMES), device=device), 0, time.time(), 0
+for group in optimizer_ae.param_groups + optimizer_disc.param_groups:
+    group["lr"] = lr  # this run's learning rate, also after a resume
+while step < total_steps:
+    torch.manual_seed((seed * 1_000_003 + step) * world_size + rank)  # posterior noise and LPIPS dropout of this step
+    disc_factor = 1.0 if step >= disc_start else 0.0
+    step_logs, decoded = torch.zeros(len(LOG_NAMES), device=device), 0
+    for k in range(accumulation):
+        x, failed = next(batches)
+        skipped += failed
+        if x is None:
+            continue
+        decoded += len(x)
+        x = x.to(device, non_blocking=True)
+        batch = x.shape[0]
+
+        # autoencoder, VF projection: reconstruction + KL + adaptive GAN + adaptive VF (release LPIPSWithDiscriminator)
+        with autocast:
+            posterior = autoencoder.encode(x)
+            z = posterior.sample()
+            recon = autoencoder.decode(z)
+            rec_loss = (x - recon).abs()
+            if lpips:
+                rec_loss = rec_loss + perceptual_weight * lpips(x, recon)  # (B,1,1,1): added to every pixel
+            # the release divides by exp(logvar) and adds logvar, but logvar is in no optimizer: it stays 0
+            nll = rec_loss.sum() / batch  # summed over pixels and channels, averaged over the batch, as released
+            kl = posterior.kl().sum() / batch
+            discriminator.requires_grad_(False)  # the generator loss trains the autoencoder only
+            g_loss = -discriminator(recon).mean()  # BatchNorm in train mode (batch statistics) as released
+            discriminator.requires_grad_(True)
+            vf = vf_loss(z, foundation(x)) if foundation else torch.zeros((), device=device)  # LDM baseline: none
+        nll_grad_dec, nll_grad_enc = torch.autograd.grad(nll, [decoder_last, encoder_last], retain_graph=True)
+        d_weight = adaptive_weight(nll_grad_dec, g_loss, decoder_last, 1e4) * disc_weight
+        w_vf = adaptive_weight(nll_grad_enc, vf, encoder_last, 1e8) * vf_weight if foundation else torch.zeros_like(vf)
+        loss = nll + kl_weight * kl + d_weight * disc_factor * g_loss + w_vf * vf
+        (loss / accumulation).backward()
+
+        # discriminator: hinge loss on the same images and reconstructions
+        with autocast:
+            d_loss = disc_factor * hinge_d_loss(discriminator(x), discriminator(recon.detach()))
+        (d_loss / accumulation).backward()
+        values = (loss, nll, kl, vf, w_vf, g_loss, d_weight, d_loss)
+        step_logs += torch.stack([v.detach().float() for v in values]) / accumulation
+
+    if decoded == 0:  # a whole batch unreadable: a broken folder or mount, not a few bad files
+        fail(f"none of the {per_rank} images of step {step} (rank {rank}) could be decoded; check {data_dir}")
+    if world_size > 1:
+        average_gradients(ae_params)
+        average_gradients(list(discriminator.parameters()))
+        dist.all_reduce(step_logs)
+        step_logs /= world_size
+    if not torch.isfinite(step_logs).all():  # checked before the update: the last checkpoint holds finite weights
+        fail(f"non-finite loss at step {step} ({dict(zip(LOG_NAMES, step_logs.tolist()))}); nothing was saved after "
+             f"the last checkpoint in {out_dir}. Lower --lr or check the data")
+    optimizer_ae.step()
+    optimizer_disc.step()
+    optimizer_ae.zero_grad(set_to_none=False)
+    optimizer_disc.zero_grad(set_to_none=False)
+    if ema is not None:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(autoencoder.parameters()), 1 - ema_decay)
+    step += 1
+    log_sums += step_logs
+    log_steps += 1
+
+    last = step == total_steps
+    if master and image_every and (step % image_every == 0 or last) and x is not None:
+        save_image_grid(x.detach(), recon.detach(), step)
+    if step % log_every == 0 or last:
+        logs = dict(zip(LOG_NAMES, (log_sums / log_steps).tolist()))
+        elapsed = time.time() - log_time
+        if master:
+            print(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} | "
+                  + " ".join(f"{k} {v:.4g}" for k, v in logs.items())
+                  + f" | {log_steps * global_batch_size / elapsed:.1f} img/s", flush=True)
+        log_sums.zero_()
+        log_steps, log_time = 0, time.time()
+    if step % ckpt_every == 0 or last:
+        save(step)
+
+if world_size > 1:
+    skipped = torch.tensor(skipped, device=device)
+    dist.all_reduce(skipped)
+    skipped = int(skipped)
+    dist.destroy_process_group()
+if master:
+    if skipped:
+        print(f"warning: skipped {skipped} unreadable image(s) (their batches were smaller)")
+    print(f"done: step {step}; checkpoints in {out_dir}")
