@@ -74,13 +74,20 @@ def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one key-value store across --max-restarts attempts and does not separate their keys, so a
+        # restarted rank can read a dead peer's address and fail to connect: give each attempt its own prefix
+        agent_store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                                 world_size, is_master=False)
+        store = torch.distributed.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", agent_store)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl", device_id=device)
+        torch.distributed.init_process_group("nccl", store=store, rank=rank, world_size=world_size, device_id=device)
     else:
         device = torch.device("cpu")
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     return rank, world_size, device
 
 

@@ -54,11 +54,11 @@ def log_values(output, name):
 def test_training_reduces_reconstruction_loss_with_every_term_active(tmp_path, capsys):
     make_images(tmp_path / "data", 5, odd_ones=True, size=64)  # + the broken file: one step of 4 per epoch
     out = tmp_path / "out"
-    run_train([*TINY, f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", "--max_steps=24", "--epochs=24",
-               "--disc_start=0", "--lr=3e-4", "--image_every=24", "--ckpt_every=12"])
+    run_train([*TINY, f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", "--max_steps=32", "--epochs=32",
+               "--disc_start=0", "--lr=3e-4", "--image_every=32", "--ckpt_every=16"])
     output = capsys.readouterr().out
     nll = log_values(output, "nll")
-    assert len(nll) == 24 and all(math.isfinite(v) for v in nll)
+    assert len(nll) == 32 and all(math.isfinite(v) for v in nll)
     assert sum(nll[-8:]) / 8 < 0.8 * sum(nll[:4]) / 4, nll
     for name in ("kl", "vf_loss", "vf_weight", "d_weight", "d_loss"):  # every term is on from the first step
         assert all(v > 0 for v in log_values(output, name)), (name, output)
@@ -67,11 +67,11 @@ def test_training_reduces_reconstruction_loss_with_every_term_active(tmp_path, c
     skipped = re.search(r"skipped (\d+) unreadable image", output)
     assert skipped and int(skipped.group(1)) >= 1, output
 
-    assert sorted(os.listdir(out)) == ["recon_00000024.png", "step_00000012.pt", "step_00000024.pt"]
-    grid = Image.open(out / "recon_00000024.png")  # inputs over reconstructions
+    assert sorted(os.listdir(out)) == ["recon_00000032.png", "step_00000016.pt", "step_00000032.pt"]
+    grid = Image.open(out / "recon_00000032.png")  # inputs over reconstructions
     assert grid.size[1] == 2 * 64 and grid.size[0] in (3 * 64, 4 * 64)
     checkpoint = torch.load(latest_checkpoint(str(out)), weights_only=True)
-    assert checkpoint["step"] == 24 and checkpoint["epoch"] == 24.0 and checkpoint["config"]["lr"] == 3e-4
+    assert checkpoint["step"] == 32 and checkpoint["epoch"] == 32.0 and checkpoint["config"]["lr"] == 3e-4
     assert checkpoint["autoencoder_kwargs"]["ch"] == 32 and "autoencoder_ema" not in checkpoint
     assert list(checkpoint["vf_loss"]) == ["linear_proj.weight"]
     assert checkpoint["vf_loss"]["linear_proj.weight"].shape == (384, 32, 1, 1)
