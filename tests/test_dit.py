@@ -192,7 +192,7 @@ def test_load_dit_reads_official_layouts(tmp_path):
 
 def test_checkpoint_of_another_size_names_the_keys(tmp_path):
     small = dit.LightningDiT(input_size=16, hidden_size=192, depth=1, num_heads=3)
-    with pytest.raises(SystemExit, match=r"unexpected: blocks\.1\..*") as e:
+    with pytest.raises(SystemExit, match=r"unexpected: blocks\.1\..*"):
         dit.load_state_dict_strict(small, golden("dit_model.pt")["state_dict"], "golden")
     wide = dit.LightningDiT(input_size=16, hidden_size=128, depth=2, num_heads=2)
     with pytest.raises(SystemExit, match=r"shape mismatch: pos_embed \(1, 256, 192\) vs model \(1, 256, 128\)"):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, torchrun
 from test_train_dit import TINY, assert_same_state, train, write_latents
 from test_train_vavae import TINY as VAVAE_TINY, make_images
 
@@ -70,17 +70,14 @@ def test_rank_death_under_torchrun_restarts_and_resumes(data, tmp_path):
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER)
     common = [f"--data_dir={data}", "--epochs=4"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           str(wrapper), str(tmp_path / "died"), os.path.join(ROOT, "train_dit.py"), *RUN, *common,
-           f"--out_dir={tmp_path / 'restarted'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=150)
+    result = torchrun("--nproc_per_node=2", "--max-restarts=1", str(wrapper), str(tmp_path / "died"),
+                      os.path.join(ROOT, "train_dit.py"), *RUN, *common, f"--out_dir={tmp_path / 'restarted'}",
+                      env={"PYTHONPATH": ROOT})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "died").exists(), "the injected failure did not happen"
     assert "resumed from" in result.stdout and "step_00000010.pt at step 10" in result.stdout
-    straight = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               os.path.join(ROOT, "train_dit.py"), *RUN, *common, f"--out_dir={tmp_path / 'straight'}"],
-                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=150)
+    straight = torchrun("--nproc_per_node=2", os.path.join(ROOT, "train_dit.py"), *RUN, *common,
+                        f"--out_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert_same_state(torch.load(tmp_path / "straight" / "step_00000032.pt", weights_only=True),
                       torch.load(tmp_path / "restarted" / "step_00000032.pt", weights_only=True))

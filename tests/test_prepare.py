@@ -2,8 +2,6 @@
 import hashlib
 import importlib
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from safetensors import safe_open
 
 import prepare
 import vavae
-from conftest import ROOT
+from conftest import torchrun
 
 
 # -----------------------------------------------------------------------------
@@ -177,15 +175,6 @@ def read_shards(folder):
     return shards
 
 
-@pytest.fixture
-def one_thread():
-    """torchrun gives each rank one thread; use the same here, so float summation order matches bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_shards_stats_bad_files_and_resume(tmp_path, capsys):
     data, out, ae_path = tmp_path / "data", tmp_path / "latents", tmp_path / "vavae.pt"
     prepare.make_demo_dataset(str(data), num_classes=3, images_per_class=5)
@@ -272,10 +261,7 @@ def test_two_ranks_write_the_same_latents(tmp_path, one_thread):
     common = [f"--data_dir={data}", f"--vavae_path={ae_path}", "--image_size=64", "--shard_size=3", "--batch_size=2",
               "--num_workers=0"]
     run_prepare(common + [f"--out_dir={tmp_path / 'one'}"])
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "prepare.py", *common, f"--out_dir={tmp_path / 'two'}"],
-                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                            timeout=120)
+    result = torchrun("--nproc_per_node=2", "prepare.py", *common, f"--out_dir={tmp_path / 'two'}")
     assert result.returncode == 0, result.stdout + result.stderr
     one, two = read_shards(tmp_path / "one"), read_shards(tmp_path / "two")
     # shard k of 4 (3+3+3+1 images) is written by rank k % 2 as its shard k // 2

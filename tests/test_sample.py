@@ -2,8 +2,6 @@
 import importlib
 import io
 import os
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -13,7 +11,7 @@ from PIL import Image
 
 import dit
 import vavae
-from conftest import ROOT
+from conftest import torchrun
 
 NUM_CLASSES = 10
 
@@ -55,15 +53,6 @@ def run_in_process(args):
     sample.main(args)
 
 
-@pytest.fixture
-def one_thread():
-    """torchrun gives each rank one thread; use the same here, so float summation order matches bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pngs(folder, n):
     return np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in range(n)])
 
@@ -71,10 +60,7 @@ def pngs(folder, n):
 def test_fid_set_same_on_one_and_two_ranks_and_after_resume(models, tmp_path, one_thread):
     one, two = tmp_path / "one", tmp_path / "two"
     run_in_process(base_args(models, one))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "sample.py", *base_args(models, two)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = torchrun("--nproc_per_node=2", "sample.py", *base_args(models, two))
     assert result.returncode == 0, result.stdout + result.stderr
 
     images = pngs(one, 7)

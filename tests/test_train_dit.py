@@ -1,14 +1,13 @@
 """train_dit.py on tiny random latents: learning, exact resume (1 and 2 gloo ranks), faults and clear errors."""
 import os
 import runpy
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ASSETS, ROOT
+from conftest import ASSETS, ROOT, torchrun
 
 TINY = ["--model_name=LightningDiT-B/1", "--depth=2", "--hidden_size=64", "--num_heads=2", "--num_classes=4",
         "--global_batch_size=16", "--log_every=1"]
@@ -82,21 +81,18 @@ def test_resume_picks_the_newest_step_not_the_largest_file(data, tmp_path):
     assert torch.load(tmp_path / "step_00000008.pt", weights_only=True)["step"] == 8
 
 
-def torchrun(nproc, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           os.path.join(ROOT, "train_dit.py"), *TINY, *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+def train_under_torchrun(nproc, *args):
+    result = torchrun(f"--nproc_per_node={nproc}", os.path.join(ROOT, "train_dit.py"), *TINY, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
 def test_two_gloo_ranks_resume_bitwise(data, tmp_path):
     common = [f"--data_dir={data}", "--epochs=2", "--ckpt_every=2"]
-    out = torchrun(2, *common, f"--out_dir={tmp_path / 'straight'}")
+    out = train_under_torchrun(2, *common, f"--out_dir={tmp_path / 'straight'}")
     assert "2 process(es) x 1 micro-batch(es) of 8" in out
-    torchrun(2, *common, f"--out_dir={tmp_path / 'resumed'}", "--max_steps=2")
-    torchrun(2, *common, f"--out_dir={tmp_path / 'resumed'}")
+    train_under_torchrun(2, *common, f"--out_dir={tmp_path / 'resumed'}", "--max_steps=2")
+    train_under_torchrun(2, *common, f"--out_dir={tmp_path / 'resumed'}")
     straight = torch.load(tmp_path / "straight" / "step_00000008.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "step_00000008.pt", weights_only=True)
     assert_same_state(straight, resumed)

@@ -121,7 +121,7 @@ def test_load_autoencoder_formats(tmp_path, golden_vae):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = reference.decode(reference.encode(x).mean)
-    release = {f"loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1), "loss.logvar": torch.zeros(()),
+    release = {"loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1), "loss.logvar": torch.zeros(()),
                "foundation_model.model.cls_token": torch.zeros(1, 1, 8), "linear_proj.weight": torch.zeros(8, 32, 1, 1)}
     files = {"release.pt": {"state_dict": {**g["state_dict"], **release}}, "bare.pt": g["state_dict"],
              "ours.pt": {"autoencoder": reference.state_dict(), "autoencoder_kwargs": reference.kwargs, "step": 3}}
