@@ -3,7 +3,7 @@
 A script keeps its settings as module-level constants and calls `config = configure(globals())`
 right after them. Then, nanoGPT-style:
 
-    python train_dit.py config/dit_xl_64ep.py --lr=1e-4 --epochs 64
+    python train_dit.py config/dit_xl_800ep.py --lr=1e-4 --global_batch_size 512
 
 Arguments without `--` are Python files executed in order; `--key=value` or `--key value` set one
 constant. Values are read as Python literals (a string default also takes a bare word). Unknown keys

@@ -30,6 +30,7 @@ def test_autoencoder_matches_official(golden_vae):
     assert sum(p.numel() for p in model.parameters()) == g["num_params"]
     x = vavae.uint8_to_images(g["x_uint8"])
     assert torch.equal(x, g["x"]) and x.is_contiguous()
+    # encoder side: ours is within 5e-5 (7.6e-5 for the sample, values up to 7.3); the golden README suggests 1e-3
     torch.testing.assert_close(model.encoder(g["x"]), g["encoder_out"], rtol=0, atol=1e-4)
     posterior = model.encode(g["x"])
     for key in ("mean", "logvar"):
@@ -41,7 +42,7 @@ def test_autoencoder_matches_official(golden_vae):
     sample = posterior.mean + posterior.std * g["sample_eps"]
     torch.testing.assert_close(sample, g["sample"], rtol=0, atol=1e-4)
     dec = model.decode(g["z_dec"])
-    torch.testing.assert_close(dec, g["dec"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(dec, g["dec"], rtol=0, atol=5e-5)  # the release moves 3.9e-5 between thread counts
     u8 = vavae.images_to_uint8(dec)
     assert u8.dtype == torch.uint8 and u8.shape == g["dec_uint8"].shape
     off = (u8.int() - g["dec_uint8"].int()).abs()
