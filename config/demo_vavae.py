@@ -1,6 +1,6 @@
 # The demo's tokenizer: a narrow VA-VAE (ch 32, 4.5M parameters) on the 64 px demo images (4x4x32 latents).
-# Offline the foundation model is an untrained DINOv2-S/14 (vf_weights="random"); with internet access pass
-# --vf_weights=hub to align with the real one. LPIPS is off (its VGG16 would dominate a CPU run).
+# Offline the foundation model is an untrained DINOv2-S/14 (vf_weights="random"); with internet access set
+# vf_weights = "hub" to align with the real one. LPIPS is off (its VGG16 would dominate a CPU run).
 data_dir = "out/demo/images"
 out_dir = "out/demo/vavae"
 image_size = 64
