@@ -384,6 +384,7 @@ def sample(model, z, y, num_steps=250, timestep_shift=0.3, cfg_scale=1.0, cfg_in
     Returns the final latents, or all num_steps states on the grid if return_trajectory."""
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+
     def velocity(x, time, scale):
         return guided_velocity(model, x, torch.full((x.shape[0],), time, device=x.device), y, scale, guidance)
 
