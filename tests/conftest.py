@@ -31,7 +31,7 @@ def grad_mode_is_left_on():
     assert not leaked, "this test left torch's grad mode disabled"
 
 
-def torchrun(*args, timeout=150, env=None):
+def torchrun(*args, timeout=240, env=None):
     """python -m torch.distributed.run --standalone <args>, one thread per rank, in ROOT. On a timeout the whole process
     group is killed (subprocess.run would kill only the launcher and leave its ranks running)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args]
