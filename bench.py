@@ -3,14 +3,14 @@ VA-VAE encode / decode / training step and the FID Inception network. Speed does
 
     python bench.py                                     # XL/1, batch 64; on a GPU: bf16 autocast, compiled
     python bench.py --batch_size=128 --parts=train
-    TORCHDYNAMO_DISABLE=1 python bench.py --parts= --official_repo=/tmp/official ...   # side by side (on a CPU)
+    TORCHDYNAMO_DISABLE=1 python bench.py --parts= --official_repo=.official ...   # side by side (on a CPU)
 
 Each line gives milliseconds per call (median of `iters` after `warmup` calls, the device synchronised around each),
 images/s, MFU against the device's dense bf16 peak where known, and peak memory. BENCHMARKS.md holds the results.
---official_repo: a folder holding the release's models/ (from github.com/hustvl/LightningDiT; never part of this
-project); its LightningDiT gets our weights (strict load: the key names are the same) and the same batch, and both
-are timed forward + backward, interleaved. The release decorates its forward methods with @torch.compile, so on a CPU
-run it with TORCHDYNAMO_DISABLE=1 and compare against our eager model.
+--official_repo: a folder holding the release's models/ (github.com/hustvl/LightningDiT at commit 2725fed, exported
+as BENCHMARKS.md shows; never part of this project); its LightningDiT gets our weights (strict load: the key names are
+the same) and the same batch, and both are timed forward + backward, interleaved. The release decorates its forward
+methods with @torch.compile, so on a CPU run it with TORCHDYNAMO_DISABLE=1 and compare against our eager model.
 """
 import importlib.util
 import os
@@ -24,42 +24,42 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import configure
+from config.runtime import configure, fail
 from dit import create_dit, dit_args_from_state_dict, guided_velocity, rectified_flow_loss, sample_timesteps, time_grid
 
 # what to time
-parts = "train,sample,vavae,inception"  # comma-separated subset
-warmup = 3  # untimed calls first (compilation, allocator, cudnn autotuning)
-iters = 10  # timed calls; the median is reported
+parts = "train,sample,vavae,inception"  # text; comma-separated subset (empty: only the --official_repo comparison)
+warmup = 3  # >= 0; untimed calls first (compilation, allocator, cudnn autotuning)
+iters = 10  # >= 1; timed calls; the median is reported
 # LightningDiT (train_dit.py's defaults)
-model_name = "LightningDiT-XL/1"
-depth = 0  # non-zero depth, hidden_size, num_heads override the size's own
-hidden_size = 0
-num_heads = 0
-latent_size = 16  # latents are latent_channels x latent_size x latent_size
-latent_channels = 32
-batch_size = 64  # images per training step and per sampling call
-ema_decay = 0.9999
+model_name = "LightningDiT-XL/1"  # text; B, L, XL, 1p0B, 1p6B; /1 or /2 is the patch size
+depth = 0  # >= 0; non-zero depth, hidden_size, num_heads override the size's own
+hidden_size = 0  # >= 0
+num_heads = 0  # >= 0
+latent_size = 16  # >= 1; latents are latent_channels x latent_size x latent_size
+latent_channels = 32  # >= 1
+batch_size = 64  # >= 1; images per training step and per sampling call
+ema_decay = 0.9999  # [0, 1)
 # sampling (config/sample_800ep.py): one timed call, scaled to a whole run with its step counts
-cfg_scale = 6.7
-num_steps = 250
-timestep_shift = 0.3
-cfg_interval_start = 0.125
+cfg_scale = 6.7  # >= 0
+num_steps = 250  # >= 2; time points; Euler makes num_steps - 1 model calls
+timestep_shift = 0.3  # > 0
+cfg_interval_start = 0.125  # [0, 1]; guidance only where t >= this
 # VA-VAE (train_vavae.py's defaults; foundation model and LPIPS untrained: same speed, nothing to download)
-vae_ch = 128
-image_size = 256
-vae_batch_size = 16
-vf_model = "vit_large_patch14_dinov2.lvd142m"
-vf_image_size = 224
+vae_ch = 128  # >= 32; a multiple of 32 (GroupNorm's groups)
+image_size = 256  # >= 16; a multiple of 16
+vae_batch_size = 16  # >= 1
+vf_model = "vit_large_patch14_dinov2.lvd142m"  # text; timm name of the foundation model
+vf_image_size = 224  # >= 1
 # FID Inception
-inception_weights = ""  # a local .pth (fid.py's formats); empty: untrained network of the same shape
-inception_batch_size = 100
+inception_weights = ""  # path; a local .pth (fid.py's formats); empty: untrained network of the same shape
+inception_batch_size = 100  # >= 1
 # system
-official_repo = ""  # see the docstring
-compile = None  # torch.compile as train_dit.py / train_vavae.py do; None: on CUDA only
-bf16 = None  # bf16 autocast; None: on CUDA only
-peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in PEAK_BF16_FLOPS
-seed = 0
+official_repo = ""  # path; a folder holding the release's models/ (see the docstring); empty: no comparison
+compile = None  # True | False | None; torch.compile as train_dit.py / train_vavae.py do; None: on CUDA only
+bf16 = None  # True | False | None; bf16 autocast; None: on CUDA only
+peak_flops = 0.0  # >= 0; per-device peak FLOP/s for MFU; 0: look the GPU up in PEAK_BF16_FLOPS
+seed = 0  # >= 0
 config = configure(globals())
 
 # dense bf16 peaks; the same table as train_dit.py (a script, so not importable)
@@ -131,9 +131,6 @@ def load_official(repo):
             sys.modules[name] = types.ModuleType(name)
         layers = sys.modules["fairscale.nn.model_parallel.layers"]
         layers.ColumnParallelLinear = layers.ParallelEmbedding = layers.RowParallelLinear = None
-    if not os.path.isfile(os.path.join(repo, "models", "lightningdit.py")):
-        raise SystemExit(f"error: --official_repo={repo} is not a checkout of hustvl/LightningDiT "
-                         "(no models/lightningdit.py)")
     sys.path.insert(0, os.path.abspath(repo))
     from models.lightningdit import LightningDiT
     return LightningDiT
@@ -157,13 +154,13 @@ else:
     name = f"{models[0] if models else 'CPU'}, {torch.get_num_threads()} threads"
 selected = [part for part in parts.split(",") if part]  # --parts= (nothing) with --official_repo: only that
 if not set(selected) <= set(PARTS):
-    raise SystemExit(f"error: --parts={parts} names unknown parts; choose from {','.join(PARTS)}")
-for key in ("iters", "batch_size", "vae_batch_size", "inception_batch_size", "latent_size", "num_steps"):
-    if config[key] < 1:
-        raise SystemExit(f"error: --{key} must be positive, got {config[key]}")
+    fail(f"--parts={parts} names unknown parts; choose from {','.join(PARTS)}")
+if official_repo and not os.path.isfile(os.path.join(official_repo, "models", "lightningdit.py")):  # before any timing
+    fail(f"--official_repo={official_repo} is not a checkout of hustvl/LightningDiT (no models/lightningdit.py); "
+         "export the release's models/ folder into it as BENCHMARKS.md shows")
 if "vavae" in selected and (vae_ch % 32 or image_size % 16):
-    raise SystemExit(f"error: --vae_ch ({vae_ch}) must be a multiple of 32 (GroupNorm has 32 groups) and "
-                     f"--image_size ({image_size}) a multiple of 16")
+    fail(f"--vae_ch ({vae_ch}) must be a multiple of 32 (GroupNorm has 32 groups) and --image_size ({image_size}) "
+         "a multiple of 16")
 peak = f"peak {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else "peak unknown (no MFU)"
 print(f"device: {name}; torch {torch.__version__}; bf16 autocast {use_bf16}; compile {use_compile}; {peak}")
 print("config:", config)
@@ -254,9 +251,9 @@ if "vavae" in selected and (vavae := optional("vavae")):
     lpips = vavae.LPIPS("random").to(device).train()  # train mode (dropout on) as train_vavae.py runs it
     foundation = vavae.FoundationModel(vf_model, "random", vf_image_size).to(device)
     if foundation.grid != image_size // vae.downsample_factor:
-        raise SystemExit(f"error: {vf_model} at --vf_image_size={vf_image_size} gives a {foundation.grid}x"
-                         f"{foundation.grid} token grid but --image_size={image_size} gives "
-                         f"{image_size // vae.downsample_factor}x{image_size // vae.downsample_factor} latents")
+        fail(f"{vf_model} at --vf_image_size={vf_image_size} gives a {foundation.grid}x{foundation.grid} token grid "
+             f"but --image_size={image_size} gives {image_size // vae.downsample_factor}x"
+             f"{image_size // vae.downsample_factor} latents; set --vf_image_size to match")
     vf_loss = vavae.VFLoss(vae.embed_dim, foundation.feature_dim).to(device)
     optimizer_ae = torch.optim.Adam(list(vae.parameters()) + list(vf_loss.parameters()), lr=1e-4, betas=(0.5, 0.9))
     optimizer_disc = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))

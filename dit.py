@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import load_checkpoint
+from config.runtime import load_checkpoint
 
 # name -> (depth, hidden_size, num_heads); the suffix /1 or /2 is the patch size
 DIT_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "1p0B": (24, 1536, 24), "1p6B": (28, 1792, 28)}
@@ -282,6 +282,9 @@ def load_dit(path, allow_unsafe=False):
     """A LightningDiT from our train_dit.py checkpoint (its EMA weights), an official release checkpoint
     (`ema` entry, `model` entry or a bare state dict, `module.` prefixes stripped); architecture read off the keys."""
     checkpoint = load_checkpoint(path, allow_unsafe)
+    if not isinstance(checkpoint, dict):
+        raise SystemExit(f"error: {path} holds a {type(checkpoint).__name__}, not LightningDiT weights (a state dict or "
+                         "a checkpoint dict)")
     state_dict = checkpoint.get("ema", checkpoint.get("model", checkpoint))
     state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
     if "x_embedder.proj.weight" not in state_dict:
@@ -380,7 +383,8 @@ def sample(model, z, y, num_steps=250, timestep_shift=0.3, cfg_scale=1.0, cfg_in
     """Integrate dx/dt = v(x, t, y) from noise z at t=0 to data at t=1 on the shifted time grid.
 
     euler (the release): num_steps - 1 model calls, never at t=1. heun: two calls per step, the second at its end.
-    Guidance only acts where t >= cfg_interval_start (the guidance interval); elsewhere one conditional pass.
+    Guidance only acts where t >= cfg_interval_start (the guidance interval), compared in float32 as the release does
+    (a float32 time tensor against the Python float); elsewhere one conditional pass.
     Returns the final latents, or all num_steps states on the grid if return_trajectory."""
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
@@ -388,10 +392,11 @@ def sample(model, z, y, num_steps=250, timestep_shift=0.3, cfg_scale=1.0, cfg_in
     def velocity(x, time, scale):
         return guided_velocity(model, x, torch.full((x.shape[0],), time, device=x.device), y, scale, guidance)
 
-    grid = time_grid(num_steps, timestep_shift).tolist()  # host floats: no device sync per step
+    grid = time_grid(num_steps, timestep_shift).tolist()  # host floats (float32 values): no device sync per step
+    start = torch.tensor(cfg_interval_start, dtype=torch.float32).item()  # 0.11 -> 0.10999999940..., as the release
     x, trajectory = z, [z]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        scale = cfg_scale if t >= cfg_interval_start else 1.0  # the guidance interval
+        scale = cfg_scale if t >= start else 1.0  # the guidance interval
         dt = t_next - t
         v = velocity(x, t, scale)
         if method == "heun":

@@ -1,18 +1,22 @@
 """FID, sFID, Inception Score and precision/recall as OpenAI's ADM evaluator computes them (guided-diffusion,
-evaluations/evaluator.py, TensorFlow), in PyTorch; plus PSNR and SSIM for tokenizer reconstructions.
+evaluations/evaluator.py, TensorFlow), in PyTorch; class accuracy of labelled samples; PSNR, SSIM, LPIPS of a tokenizer.
 
     python fid.py --samples=out/samples.npz --reference=VIRTUAL_imagenet256_labeled.npz
-    python fid.py --samples=imagenet_val_256/ --save_stats=imagenet_val_256_stats.npz   # a reference for later
+    python fid.py --samples=imagenet/train_subset --save_stats=imagenet_stats.npz   # a reference for later
     python fid.py --samples=imagenet/val --reconstruct_with=vavae.pt --lpips_weights=vgg.pth  # rFID, PSNR, SSIM, LPIPS
-    torchrun --nproc_per_node=8 fid.py --samples=out/samples.npz --reference=...
+    torchrun --nproc_per_node=8 fid.py --samples=out/samples.npz --reference=imagenet_stats.npz
 
-An input is a folder of PNG/JPEG images, an ADM image batch (.npz with arr_0: uint8 N x H x W x 3), or a stats
-.npz (mu, sigma and optionally mu_s, sigma_s, pool). ADM's reference batches hold images and stats: as ADM does,
-the stored stats give FID/sFID and the images' features give precision/recall.
+An input (checked before the network loads) is a folder of images of any size (ADM-center-cropped to image_size),
+an ADM image batch (.npz: arr_0 uint8 N x H x W x 3, arr_1 int64 labels if any) or a stats .npz (mu, sigma and maybe
+mu_s, sigma_s, pool, labels). ADM's reference batches hold images and stats: as ADM does, the stored stats give
+FID/sFID and the images' features give precision/recall. Class accuracy: the share of samples whose label is the
+majority label of their 5 nearest reference images (pool_3 features); labels come from arr_1, `labels`, or a folder
+with one subfolder per class, numbered in sorted order as torchvision's ImageFolder and prepare.py do.
 
 The network is TensorFlow's 'inception-2015-12-05' graph (the FID standard) in the pytorch-fid / torch-fidelity
-weight layout, with the graph's own preprocessing and quirks. Inception Score needs the graph's 1008-way softmax
-layer (`fc`); weight files without it give IS = None.
+weight layout, with the graph's own preprocessing and quirks; Inception Score needs its 1008-way softmax (`fc`).
+The metrics go to a JSON file: one the inputs cannot give is null, and `not_computed` says why. With
+--reconstruct_with, NAME.reconstructions.png beside it shows up to 8 crops (top) over their reconstructions.
 """
 import json
 import math
@@ -24,26 +28,29 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
-from config import configure, setup_distributed
+from config.runtime import (IMAGE_EXTENSIONS, adm_center_crop, configure, fail, format_duration, list_images,
+                            load_checkpoint, load_rgb, save_png, setup_distributed, write_atomically)
 
 # inputs and outputs
-samples = ""            # folder of PNG/JPEG, ADM .npz (arr_0) or stats .npz
-reference = ""          # the same kinds, e.g. ADM's VIRTUAL_imagenet256_labeled.npz
-save_stats = ""         # if set: write the stats of `samples` (mu, sigma, mu_s, sigma_s, pool) here, as a reference
-out_json = ""           # metrics file; empty: <samples>.metrics.json
+samples = ""            # path; folder of images, ADM .npz (arr_0, labels arr_1) or stats .npz
+reference = ""          # path; the same kinds, e.g. ADM's VIRTUAL_imagenet256_labeled.npz
+save_stats = ""         # path; if set: write the stats of `samples` here (.npz) as a reference, instead of metrics
+out_json = ""           # path; metrics file; empty: <samples>.metrics.json
+image_size = 256        # >= 1; folder images of another size are ADM-center-cropped to it; the release: 256
 # network
-inception_weights = ""  # local .pth (pytorch-fid or torch-fidelity layout); empty: torch hub cache, else download
+inception_weights = ""  # path; local .pth (pytorch-fid or torch-fidelity layout); empty: torch hub cache, else download
 inception_url = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")  # downloaded into the torch hub cache
-batch_size = 100        # images per forward pass (per GPU)
+                 "weights-inception-2015-12-05-6726825d.pth")  # text; downloaded into the torch hub cache
+batch_size = 100        # >= 1; images per forward pass (per GPU)
+timeout_minutes = 10    # > 0; a collective waiting longer than this (a stuck rank) ends the job
 # tokenizer evaluation (the release's evaluate_tokenizer.py): the images of `samples` against their reconstructions
-reconstruct_with = ""   # a VA-VAE checkpoint (any vavae.load_autoencoder format): report rFID, PSNR, SSIM, LPIPS
-lpips_weights = ""      # LPIPS heads (vavae.LPIPS's formats, e.g. the lpips package's vgg.pth); empty: no LPIPS
-image_size = 256        # short side resized to this, then center-cropped (the release: 256)
-seed = 0                # the posterior noise of image i comes from a generator seeded with seed + i
-allow_unsafe_checkpoint = False  # let torch unpickle arbitrary objects (only for checkpoints you trust)
+reconstruct_with = ""   # path; a VA-VAE checkpoint (any vavae.load_autoencoder format): report rFID, PSNR, SSIM, LPIPS
+lpips_weights = ""      # path; LPIPS heads (vavae.LPIPS's formats, e.g. the lpips package's vgg.pth); empty: no LPIPS
+seed = 0                # >= 0; the posterior noise of image i comes from a generator seeded with seed + i
+allow_unsafe_checkpoint = False  # True | False; let torch unpickle arbitrary objects (only for files you trust)
+
+
 
 
 # -----------------------------------------------------------------------------
@@ -208,30 +215,26 @@ class FIDInception(nn.Module):
         return pool, spatial, logits
 
 
-def load_inception(path=None, device="cpu"):
+def load_inception(path=None, device="cpu", allow_unsafe=False):
     """The FID Inception network in eval mode. path: a local .pth; None: torch hub cache, downloaded if missing."""
     if path:
         if not os.path.isfile(path):
-            raise SystemExit(f"error: Inception weights {path} do not exist (get them from {inception_url})")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 -- torch raises several types for files it cannot read
-            raise SystemExit(f"error: {path} is not a readable state dict ({type(e).__name__}: {e})") from None
+            fail(f"Inception weights {path} do not exist (get them from {inception_url})")
+        state = load_checkpoint(path, allow_unsafe)
     else:
         try:
             state = torch.hub.load_state_dict_from_url(inception_url, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 -- offline, proxy, HTTP errors: all mean "no weights"
-            raise SystemExit(f"error: could not get the FID Inception weights ({type(e).__name__}: {e}). Download "
-                             f"{inception_url} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}/ or pass "
-                             "--inception_weights=PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth also works)"
-                             ) from None
-    model = FIDInception(with_fc="fc.weight" in state)
+            fail(f"could not get the FID Inception weights ({type(e).__name__}: {' '.join(str(e).split())}). Download "
+                 f"{inception_url} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}/ or pass "
+                 "--inception_weights=PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth also works)")
+    model = FIDInception(with_fc=isinstance(state, dict) and "fc.weight" in state)
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:  # torch lists every differing key on its own line: one line, cut short
+    except (RuntimeError, TypeError, AttributeError) as e:  # torch lists every differing key on its own line: cut short
         detail = " ".join(str(e).split())
-        raise SystemExit(f"error: {path or inception_url} is not an FID Inception-v3 state dict: {detail[:300]}"
-                         + ("..." if len(detail) > 300 else "")) from None
+        fail(f"{path or inception_url} is not an FID Inception-v3 state dict: {detail[:300]}"
+             + ("..." if len(detail) > 300 else ""))
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -240,31 +243,29 @@ def load_inception(path=None, device="cpu"):
 
 def check_images(images, where="images"):
     if images.dtype not in (np.uint8, torch.uint8) or images.ndim != 4 or images.shape[-1] != 3:
-        raise SystemExit(f"error: {where} must be uint8 N x H x W x 3 (RGB, 0..255), "
-                         f"got {images.dtype} {tuple(images.shape)}")
+        fail(f"{where} must be uint8 N x H x W x 3 (RGB, 0..255), got {images.dtype} {tuple(images.shape)}")
 
 
 @torch.no_grad()
-def inception_features(model, images, batch_size=64, log_prefix=None):
+def inception_features(model, images, batch_size=64, progress=None):
     """{'pool': N x 2048, 'spatial': N x 2023, 'logits': N x 1008 or None}, float32 numpy arrays.
 
     images: uint8 N x H x W x 3 (numpy or torch), or an iterable of such batches (the CLI streams files this way).
-    log_prefix: if set, print progress with images/s."""
+    progress: if set, called with the size of each batch done."""
     if isinstance(images, (np.ndarray, torch.Tensor)):
         check_images(images)
         images = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]  # views, no copies
     device = next(model.parameters()).device
-    outputs, done, start = [], 0, time.time()
+    outputs = []
     for batch in images:
         check_images(batch)
         batch = batch.to(device) if torch.is_tensor(batch) else torch.from_numpy(np.array(batch)).to(device)
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 convs would move features ~1e-3
             outputs.append([None if t is None else t.float().cpu().numpy() for t in model(batch)])
-        done += len(batch)
-        if log_prefix is not None and (len(outputs) % 20 == 0 or len(outputs) == 1):
-            print(f"{log_prefix}: {done} images, {done / (time.time() - start):.1f} images/s", flush=True)
+        if progress:
+            progress(len(batch))
     if not outputs:
-        raise SystemExit("error: no images to compute features of")
+        fail("no images to compute features of")
     pool, spatial, logits = zip(*outputs)
     return {"pool": np.concatenate(pool), "spatial": np.concatenate(spatial),
             "logits": None if logits[0] is None else np.concatenate(logits)}
@@ -274,7 +275,7 @@ def feature_statistics(features):
     """(mean, covariance) in float64, covariance with N - 1 like ADM's np.cov."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < 2:
-        raise SystemExit(f"error: statistics need at least 2 images (features of shape {features.shape})")
+        fail(f"statistics need at least 2 images (features of shape {features.shape})")
     return features.mean(0), np.cov(features, rowvar=False)
 
 
@@ -288,10 +289,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise SystemExit(f"error: feature dimensions do not match: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+        fail(f"feature dimensions do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-        raise SystemExit("error: statistics contain NaN or inf (broken images or stats file)")
+        fail("statistics contain NaN or inf (broken images or stats file)")
     w, v = np.linalg.eigh(sigma1)
     sqrt_sigma1 = (v * np.sqrt(w.clip(min=0))) @ v.T
     m = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
@@ -338,9 +338,9 @@ def precision_recall(real_features, fake_features, k=3, batch_size=10000, device
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float32, device=device)
     fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float32, device=device)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise SystemExit(f"error: feature dimensions do not match: {tuple(real.shape)} vs {tuple(fake.shape)}")
+        fail(f"feature dimensions do not match: {tuple(real.shape)} vs {tuple(fake.shape)}")
     if min(len(real), len(fake)) <= k:
-        raise SystemExit(f"error: precision/recall with k={k} needs more than {k} images per set")
+        fail(f"precision/recall with k={k} needs more than {k} images per set")
     real_radii, fake_radii = manifold_radii(real, k, batch_size), manifold_radii(fake, k, batch_size)
     real_in = torch.zeros(len(real), dtype=torch.bool, device=device)
     fake_in = torch.zeros(len(fake), dtype=torch.bool, device=device)
@@ -357,7 +357,7 @@ def _image_pair(a, b):
     check_images(a, "first images")
     check_images(b, "second images")
     if a.shape != b.shape:
-        raise SystemExit(f"error: image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        fail(f"image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     return a.double(), b.double()
 
 
@@ -387,50 +387,88 @@ def ssim(a_u8, b_u8):
     return s.flatten(1).mean(1).numpy()
 
 
+def class_accuracy(ref_pool, ref_labels, sample_pool, sample_labels, k=5, device="cpu"):
+    """Share of samples whose label is the majority label of their k nearest reference images (Euclidean distance
+    of pool_3 features; a tie goes to the class whose votes are nearer). Nothing is excluded: a sample equal to a
+    reference image counts that image as its nearest neighbour, so the labelled images themselves score ~100%."""
+    ref = torch.as_tensor(np.asarray(ref_pool), dtype=torch.float32, device=device)
+    ref_labels = torch.as_tensor(np.asarray(ref_labels), dtype=torch.long, device=device)
+    weights = 1 + torch.arange(k, 0, -1, device=device) / 100  # 1.05 for the nearest ... 1.01: breaks ties only
+    correct, rows = 0, max(1, 2 ** 27 // len(ref))  # blocks of distances of 512 MB
+    for i in range(0, len(sample_pool), rows):
+        fake = torch.as_tensor(np.asarray(sample_pool[i:i + rows]), dtype=torch.float32, device=device)
+        nearest = torch.cdist(fake, ref).topk(k, largest=False).indices
+        votes = torch.zeros(len(fake), int(ref_labels.max()) + 1, device=device)
+        votes.scatter_add_(1, ref_labels[nearest], weights.expand(len(fake), k))
+        correct += (votes.argmax(1).cpu() == torch.as_tensor(np.asarray(sample_labels[i:i + rows]))).sum().item()
+    return correct / len(sample_pool)
+
+
 # -----------------------------------------------------------------------------
-# reading inputs
+# inputs: open_input checks one before any network loads, read_input computes its features
 
-def image_files(folder):
-    return sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
-                  for name in names if name.lower().endswith((".png", ".jpg", ".jpeg")))
+STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool", "labels")
 
 
-def read_image(path):
+def read_rgb(path):
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return load_rgb(path)
     except Exception as e:  # noqa: BLE001 -- PIL raises many types for broken files
-        raise SystemExit(f"error: {path} is not a readable image ({type(e).__name__}: {e})") from None
+        fail(f"{path} is not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:200]}); replace it")
 
 
-def image_source(path):
-    """(number of images, batches(start, stop, batch_size)) for a folder or an ADM .npz, without loading it all."""
-    if os.path.isdir(path):
-        files = image_files(path)
+def open_folder(folder, size):
+    files = list_images(folder)
+    source = {"path": folder, "n": len(files), "files": files, "size": size, "cropped": 0, "stats": {}}
+    # labelled as torchvision's ImageFolder and prepare.py read a folder: one subfolder per class, in sorted order
+    number = {name: label for label, name in enumerate(sorted(e.name for e in os.scandir(folder) if e.is_dir()))}
+    classes = [os.path.relpath(f, folder).split(os.sep)[0] for f in files]
+    if len(number) > 1 and all(c in number for c in classes):
+        source["stats"]["labels"] = np.array([number[c] for c in classes], np.int64)
 
-        def batches(start, stop, size):
-            for i in range(start, stop, size):
-                arrays = [np.asarray(read_image(f)) for f in files[i:min(i + size, stop)]]
-                for f, a in zip(files[i:], arrays):
-                    if a.shape != arrays[0].shape:
-                        raise SystemExit(f"error: {f} is {a.shape[1]}x{a.shape[0]}, other images are "
-                                         f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all images must have one size")
-                yield np.stack(arrays)
-        return len(files), batches
+    def batches(start, stop, n):
+        for i in range(start, stop, n):
+            images = [read_rgb(f) for f in files[i:min(i + n, stop)]]
+            source["cropped"] += sum(image.size != (size, size) for image in images)
+            yield np.stack([np.asarray(image if image.size == (size, size) else adm_center_crop(image, size))
+                            for image in images])
+    source["batches"] = batches
+    return source
 
-    # ADM's reference batches are up to tens of GB: read arr_0 straight from the zip in slices
+
+def open_npz(path):
     try:
-        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                     else np.lib.format.read_array_header_2_0(f))
-            offset = f.tell()
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise SystemExit(f"error: {path} is not a readable .npz ({type(e).__name__}: {e}); truncated?") from None
+        with np.load(path) as npz:
+            stats = {k.replace("arr_1", "labels"): npz[k] for k in STATS_KEYS + ("arr_1",) if k in npz.files}
+            keys, shape = sorted(npz.files), None
+        if "arr_0" in keys:  # ADM's reference batches are up to tens of GB: read arr_0 from the zip in slices, later
+            with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+                version = np.lib.format.read_magic(f)
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                         else np.lib.format.read_array_header_2_0(f))
+                offset = f.tell()
+    except Exception as e:  # noqa: BLE001 -- zip, zlib and numpy raise many types for broken files
+        fail(f"{path} is not a readable .npz ({type(e).__name__}: {' '.join(str(e).split())[:200]}); it may be "
+             "truncated: write it again")
+    complete = {"mu", "sigma"} <= set(keys) and ("mu_s" in keys) == ("sigma_s" in keys)
+    if ("mu" in keys or "sigma" in keys) and not complete:
+        fail(f"stats file {path} needs mu and sigma (and mu_s with sigma_s); it has {keys}")
+    if "mu" not in keys and shape is None:
+        fail(f"{path} has neither images (arr_0) nor statistics (mu, sigma): {keys}")
+    source = {"path": path, "n": shape[0] if shape else 0, "files": None, "cropped": 0, "stats": stats}
+    rows = len(stats.get("pool", ()))  # stats of the network's features: pool_3 (2048) and sFID's (2023)
+    for key, kind, want in [("mu", "f", (2048,)), ("sigma", "f", (2048, 2048)), ("mu_s", "f", (2023,)),
+                            ("sigma_s", "f", (2023, 2023)), ("pool", "f", (rows, 2048)), ("labels", "iu", (rows,))]:
+        want, a = (source["n"],) if key == "labels" and source["n"] else want, stats.get(key)
+        if a is not None and (a.dtype.kind not in kind or a.shape != want or not np.isfinite(a).all()
+                              or kind == "iu" and (a < 0).any()):
+            fail(f"{path}: {'arr_1' if key == 'labels' and 'arr_1' in keys else key} is {a.dtype} {a.shape}, it must "
+                 f"be {'integers >= 0' if kind == 'iu' else 'finite floats'} of shape {want}; write it again")
+    if shape is None:
+        return source
     check_images(np.empty((0,) + tuple(shape[1:]), dtype), f"{path} arr_0")
     if fortran:
-        raise SystemExit(f"error: {path} arr_0 is stored in Fortran order; "
-                         "save it with np.savez(path, arr_0=np.ascontiguousarray(images))")
+        fail(f"{path} arr_0 is stored in Fortran order; save it with np.savez(path, arr_0=np.ascontiguousarray(x))")
     image_bytes = math.prod(shape[1:])
 
     def batches(start, stop, size):
@@ -439,7 +477,35 @@ def image_source(path):
             for i in range(start, stop, size):
                 n = min(size, stop - i)
                 yield np.frombuffer(f.read(n * image_bytes), np.uint8).reshape(n, *shape[1:])
-    return shape[0], batches
+    return dict(source, batches=batches)
+
+
+def open_input(path, size=None):
+    """Check an input without computing anything (existence, kind, .npz headers and stats, enough images): a dict
+    with n images (0: stats only), batches(start, stop, size) of them, a folder's image files, the stored stats."""
+    if not path or not os.path.exists(path):
+        fail(f"input {path!r} does not exist (a folder of images, an ADM .npz or a stats .npz)")
+    if not os.path.isdir(path) and not path.endswith(".npz"):
+        fail(f"{path} is neither a folder of images nor an .npz file")
+    source = open_folder(path, size or image_size) if os.path.isdir(path) else open_npz(path)
+    if "batches" in source and source["n"] < 2:
+        fail(f"{path} holds {source['n']} images ({' '.join(IMAGE_EXTENSIONS)}); FID needs at least 2")
+    return source
+
+
+def progress_printer(name, total):
+    """A function to call with each batch's size: prints images done, images/s and time left, every 10 s."""
+    start, last, done = time.time(), 0.0, 0
+
+    def update(n):
+        nonlocal last, done
+        done, now = done + n, time.time()
+        if now - last >= 10 or done == total:
+            rate = done / max(now - start, 1e-9)
+            print(f"{name}: {done}/{total} images, {rate:.1f} images/s, {format_duration((total - done) / rate)} left",
+                  flush=True)
+            last = now
+    return update
 
 
 def gather_rows(x, world_size, device):
@@ -456,37 +522,21 @@ def gather_rows(x, world_size, device):
     return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)]).cpu().numpy()
 
 
-def read_input(path, model, rank, world_size, device):
-    """Like ADM's read_activations + read_statistics: features of the images (if any) and stats (stored ones win)."""
-    if not path or not os.path.exists(path):
-        raise SystemExit(f"error: input {path!r} does not exist (a folder of PNG/JPEG, an ADM .npz or a stats .npz)")
-    result, has_images = {}, True
-    if not os.path.isdir(path) and not path.endswith(".npz"):
-        raise SystemExit(f"error: {path} is neither a folder of images nor an .npz file")
-    if not os.path.isdir(path):
-        try:
-            npz = np.load(path)
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise SystemExit(f"error: {path} is not a readable .npz ({type(e).__name__}: {e}); truncated?") from None
-        with npz:
-            keys = set(npz.files)
-            if "mu" in keys or "sigma" in keys:
-                if not {"mu", "sigma"} <= keys or ("mu_s" in keys) != ("sigma_s" in keys):
-                    raise SystemExit(f"error: stats file {path} needs mu and sigma (and mu_s with sigma_s); "
-                                     f"it has {sorted(keys)}")
-                result.update({k: npz[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in keys})
-            elif "arr_0" not in keys:
-                raise SystemExit(f"error: {path} has neither images (arr_0) nor statistics (mu, sigma): {sorted(keys)}")
-            has_images = "arr_0" in keys
-    if has_images:
-        n, batches = image_source(path)
-        if n < 2:
-            raise SystemExit(f"error: {path} holds {n} images; FID needs at least 2")
+def read_input(source, model, rank, world_size, device):
+    """Like ADM's read_activations + read_statistics: features of the images (if any) and stats (stored ones win).
+    source: a path or what open_input returned for it."""
+    source = open_input(source) if isinstance(source, str) else source
+    result, n = dict(source["stats"]), source["n"]
+    if n:
         start, stop = rank * n // world_size, (rank + 1) * n // world_size
-        name = os.path.basename(os.path.normpath(path))
-        log = f"{name} (rank 0 of {world_size}, {stop - start} images)" if rank == 0 else None
-        features = inception_features(model, batches(start, stop, batch_size), log_prefix=log)
+        name = f"{os.path.basename(os.path.normpath(source['path']))} (rank 0 of {world_size})"
+        features = inception_features(model, source["batches"](start, stop, batch_size),
+                                      progress=progress_printer(name, stop - start) if rank == 0 else None)
         features = {k: None if v is None else gather_rows(v, world_size, device) for k, v in features.items()}
+        cropped = gather_rows(np.array([source["cropped"]]), world_size, device).sum()
+        if cropped and rank == 0:
+            print(f"{cropped} of {n} images of {source['path']} were not {source['size']}x{source['size']}: "
+                  "ADM-center-cropped to it")
         for key, suffix in (("pool", ""), ("spatial", "_s")):
             if "mu" + suffix not in result:
                 result["mu" + suffix], result["sigma" + suffix] = feature_statistics(features[key])
@@ -495,47 +545,56 @@ def read_input(path, model, rank, world_size, device):
 
 
 def evaluate(sample, ref, device="cpu"):
-    """ADM's numbers from two read_input results; None where an input lacks what a metric needs (sFID: spatial
-    stats; IS: logits, i.e. an fc layer; precision/recall: pool features of more than k = 3 images each)."""
+    """ADM's numbers and the class accuracy from two read_input results: (metrics, why); a metric the inputs cannot
+    give is None, and why[metric] says what they lack."""
+    has = {"sfid": "mu_s" in sample and "mu_s" in ref, "inception_score": sample.get("logits") is not None,
+           "precision": "pool" in sample and "pool" in ref and min(len(sample["pool"]), len(ref["pool"])) > 3,
+           "class_accuracy": "labels" in sample and "labels" in ref and len(ref["labels"]) >= 5
+           and set(np.unique(sample["labels"])) <= set(np.unique(ref["labels"]))}
     metrics = {"fid": frechet_distance(sample["mu"], sample["sigma"], ref["mu"], ref["sigma"]),
-               "sfid": None, "inception_score": None, "precision": None, "recall": None}
-    if "mu_s" in sample and "mu_s" in ref:
-        metrics["sfid"] = frechet_distance(sample["mu_s"], sample["sigma_s"], ref["mu_s"], ref["sigma_s"])
-    if sample.get("logits") is not None:
-        metrics["inception_score"] = inception_score(sample["logits"])
-    if "pool" in sample and "pool" in ref and min(len(sample["pool"]), len(ref["pool"])) > 3:
-        metrics["precision"], metrics["recall"] = precision_recall(ref["pool"], sample["pool"], device=device)
-    return metrics
+               "sfid": frechet_distance(sample["mu_s"], sample["sigma_s"], ref["mu_s"], ref["sigma_s"])
+               if has["sfid"] else None,
+               "inception_score": inception_score(sample["logits"]) if has["inception_score"] else None}
+    metrics["precision"], metrics["recall"] = (precision_recall(ref["pool"], sample["pool"], device=device)
+                                               if has["precision"] else (None, None))
+    metrics["class_accuracy"] = (class_accuracy(ref["pool"], ref["labels"], sample["pool"], sample["labels"],
+                                                device=device) if has["class_accuracy"] else None)
+    why = {"sfid": "both inputs need spatial statistics: images, or mu_s and sigma_s",
+           "inception_score": "these Inception weights have no fc layer" if "logits" in sample
+           else "the samples are statistics, not images",
+           "precision": "both inputs need the pool_3 features of more than 3 images",
+           "class_accuracy": "the samples have no labels: arr_1, or a subfolder per class" if "labels" not in sample
+           else "the reference has no labels: a subfolder per class, arr_1, or stats saved from them"
+           if "labels" not in ref else "the reference has fewer than 5 images" if len(ref["labels"]) < 5
+           else "some sample labels are no class of the reference"}
+    return metrics, {k: why[k.replace("recall", "precision")] for k, v in metrics.items() if v is None}
 
 
 @torch.no_grad()
-def reconstruction_metrics(folder, inception, rank, world_size, device):
+def reconstruction_metrics(files, autoencoder, lpips, inception, rank, world_size, device):
     """A tokenizer's reconstruction quality as the release's evaluate_tokenizer.py measures it. Each image is
     resized (short side to image_size, bilinear with antialiasing, on the float image) and center-cropped as its
     torchvision transforms do, mapped to [-1, 1], encoded, and a posterior *sample* (not the mean) decoded.
     rFID: the decoded images against the crops, both as uint8 (the release saves both as PNGs); PSNR and SSIM on
     those uint8 images (the release's SSIM runs on the float images); LPIPS on the float images, the decoder output
-    unclamped. Each is a mean over images (the release averages batch means of 8)."""
-    from vavae import LPIPS, images_to_uint8, load_autoencoder  # the tokenizer's stack only for this mode; first:
+    unclamped. Each is a mean over images (the release averages batch means of 8).
+    Returns (metrics, grid): grid is rank 0's first (up to) 8 crops in a row over their reconstructions."""
+    from vavae import images_to_uint8  # the tokenizer's stack only for this mode; first:
     import torchvision.transforms.functional as TF  # vavae makes torchvision importable next to a CPU-only torch
-    if not os.path.isdir(folder):
-        raise SystemExit(f"error: --reconstruct_with needs --samples to be a folder of images, got {folder}")
-    files = image_files(folder)
-    if len(files) < 2:
-        raise SystemExit(f"error: {folder} holds {len(files)} images; rFID needs at least 2")
-    autoencoder = load_autoencoder(reconstruct_with, allow_unsafe_checkpoint).to(device)
-    lpips = LPIPS(lpips_weights, allow_unsafe_checkpoint).to(device).eval() if lpips_weights else None
     start, stop = rank * len(files) // world_size, (rank + 1) * len(files) // world_size
-    rows = {"psnr": [], "ssim": [], "lpips": [], "pool": [], "pool_reference": []}
+    rows, shown = {"psnr": [], "ssim": [], "lpips": [], "pool": [], "pool_reference": []}, ([], [])
+    progress = progress_printer(f"reconstructions (rank 0 of {world_size})", stop - start)
     for i in range(start, stop, batch_size):
         indices = range(i, min(i + batch_size, stop))
-        x = torch.stack([TF.center_crop(TF.resize(TF.to_tensor(read_image(files[k])), image_size), image_size)
+        x = torch.stack([TF.center_crop(TF.resize(TF.to_tensor(read_rgb(files[k])), image_size), image_size)
                          for k in indices]).to(device) * 2 - 1
         posterior = autoencoder.encode(x)
         noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(seed + k))
                              for k in indices]).to(device)
         recon = autoencoder.decode(posterior.mean + posterior.std * noise)
         reference_u8, recon_u8 = images_to_uint8(x).cpu(), images_to_uint8(recon).cpu()
+        for row, images in zip(shown, (reference_u8, recon_u8)):
+            row.extend(images[:8 - len(row)].numpy())
         rows["psnr"].append(psnr(reference_u8, recon_u8))
         rows["ssim"].append(ssim(reference_u8, recon_u8))
         if lpips is not None:
@@ -543,54 +602,67 @@ def reconstruction_metrics(folder, inception, rank, world_size, device):
         rows["pool"].append(inception_features(inception, recon_u8)["pool"])
         rows["pool_reference"].append(inception_features(inception, reference_u8)["pool"])
         if rank == 0:
-            print(f"reconstructed {indices.stop - start} of {stop - start} images (rank 0 of {world_size})", flush=True)
+            progress(len(indices))
     rows = {k: gather_rows(np.concatenate(v), world_size, device) for k, v in rows.items() if v}
     return {"rfid": frechet_distance(*feature_statistics(rows["pool"]), *feature_statistics(rows["pool_reference"])),
             "psnr": float(rows["psnr"].mean()), "ssim": float(rows["ssim"].mean()),
-            "lpips": float(rows["lpips"].mean()) if "lpips" in rows else None}, len(files)
-
-
-def write_atomically(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise SystemExit(f"error: could not write {path}: {e.strerror or e}") from None
+            "lpips": float(rows["lpips"].mean()) if "lpips" in rows else None}, \
+        np.concatenate([np.concatenate(row, 1) for row in shown])
 
 
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     config = configure(globals())
-    if not samples or bool(reconstruct_with) == bool(reference or save_stats):
-        raise SystemExit("error: pass --samples=PATH and --reference=PATH (or --save_stats=OUT.npz to make a reference "
-                         "of --samples, or only --reconstruct_with=VAVAE.pt to evaluate a tokenizer on --samples)")
-    rank, world_size, device = setup_distributed()
-    model = load_inception(inception_weights or None, device)
+    path = save_stats or out_json or os.path.normpath(samples) + ".metrics.json"
+    for wrong, problem in [
+            (not samples or not (reference or save_stats or reconstruct_with), "pass --samples=PATH and "
+             "--reference=PATH (or --save_stats=OUT.npz to make a reference of --samples, or --reconstruct_with="
+             "VAVAE.pt to evaluate a tokenizer on --samples)"),
+            (reconstruct_with and (reference or save_stats), "--reconstruct_with compares --samples with their own "
+             "reconstructions: drop --reference and --save_stats"),
+            (save_stats and reference, "--save_stats writes the statistics of --samples and no metrics, so it would "
+             "ignore --reference: pass one of them"),
+            (lpips_weights and not reconstruct_with, "--lpips_weights is used only with --reconstruct_with"),
+            (save_stats and not save_stats.endswith(".npz"), f"--save_stats={save_stats} must end in .npz"),
+            (reconstruct_with and not os.path.isdir(samples), "--reconstruct_with needs --samples to be a folder of "
+             f"images, got {samples}"),
+            (not os.path.isdir(os.path.dirname(os.path.abspath(path))), f"could not write {path}: its folder does "
+             "not exist")]:
+        if wrong:
+            fail(problem)
+    rank, world_size, device = setup_distributed(timeout_minutes)
+    sample, ref = open_input(samples), open_input(reference) if reference else None
+    if reconstruct_with:  # the tokenizer's files are inputs too: check them before the Inception network loads
+        import vavae
+        autoencoder = vavae.load_autoencoder(reconstruct_with, allow_unsafe_checkpoint).to(device)
+        lpips = vavae.LPIPS(lpips_weights, allow_unsafe_checkpoint).to(device).eval() if lpips_weights else None
+    model = load_inception(inception_weights or None, device, allow_unsafe_checkpoint) \
+        if reconstruct_with or sample["n"] or ref and ref["n"] else None  # two stats files need no network
     if reconstruct_with:
-        metrics, n = reconstruction_metrics(samples, model, rank, world_size, device)
-        details = dict(samples=samples, reconstruct_with=reconstruct_with, num_images=n)
+        metrics, grid = reconstruction_metrics(sample["files"], autoencoder, lpips, model, rank, world_size, device)
+        why = {} if lpips else {"lpips": "no --lpips_weights given"}
+        details = dict(samples=samples, reconstruct_with=reconstruct_with, num_images=sample["n"])
     else:
-        sample = read_input(samples, model, rank, world_size, device)
+        sample = read_input(sample, model, rank, world_size, device)
         if save_stats and rank == 0:
-            stats = {k: sample[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if sample.get(k) is not None}
+            stats = {k: sample[k] for k in STATS_KEYS if sample.get(k) is not None}
             write_atomically(save_stats, lambda f: np.savez(f, **stats))
             print(f"wrote {', '.join(stats)} of {samples} to {save_stats}")
         elif not save_stats:
-            ref = read_input(reference, model, rank, world_size, device)
-            metrics = evaluate(sample, ref, device) if rank == 0 else None
+            ref = read_input(ref, model, rank, world_size, device)
+            metrics, why = evaluate(sample, ref, device) if rank == 0 else (None, None)
             details = dict(samples=samples, reference=reference,
                            num_samples=None if sample.get("pool") is None else len(sample["pool"]),
                            num_reference=None if ref.get("pool") is None else len(ref["pool"]))
     if rank == 0 and not save_stats:
-        summary = " | ".join(f"{name} {'n/a' if v is None else f'{v:.4f}'}" for name, v in metrics.items())
-        path = out_json or os.path.normpath(samples) + ".metrics.json"
-        record = metrics | details | {"config": config}
+        record = metrics | {"not_computed": why} | details | {"config": config}
         write_atomically(path, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
-        print(f"{summary} -> {path}")
+        print(" | ".join(f"{k} {f'n/a ({why[k]})' if v is None else f'{v:.4f}'}" for k, v in metrics.items()),
+              f"-> {path}")
+        if reconstruct_with:
+            save_png(grid, os.path.splitext(path)[0] + ".reconstructions.png")
+            print(f"the first {grid.shape[1] // image_size} images (top) over their reconstructions (bottom): "
+                  f"{os.path.splitext(path)[0]}.reconstructions.png")
     if world_size > 1:
         torch.distributed.destroy_process_group()

@@ -14,7 +14,9 @@ Classes are the subfolders in sorted order, as torchvision's ImageFolder numbers
 ImageFolder orders them and cut into contiguous shards of `shard_size`; shard k is written by rank k % world_size.
 Preprocessing is the release's: ADM center crop, then (u8/255 - 0.5)/0.5, then one posterior sample. The noise of that
 sample comes from a generator seeded with seed + image index, so the latents do not depend on the number of GPUs or
-the batch size (up to float summation order in the encoder).
+the batch size (up to float summation order in the encoder). Every file is written under a temporary name and renamed;
+a rerun removes the temporary files of a killed run and skips finished shards (a damaged one, such as a copy cut short,
+is encoded again).
 """
 import json
 import math
@@ -25,87 +27,67 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from config import configure, setup_distributed, save_checkpoint
+from config.runtime import (IMAGE_EXTENSIONS, adm_center_crop, configure, fail, load_rgb, prepare_out_dir,
+                            save_checkpoint, save_png, setup_distributed, write_atomically)
 from vavae import load_autoencoder, uint8_to_images
 
 # data
-data_dir = "data/imagenet/train"  # one subfolder per class
-out_dir = "data/latents"  # shards, latents_stats.pt, prepare.json
-image_size = 256  # 256 or 512 as released; the latent is image_size / 16
+data_dir = "data/imagenet/train"  # path; one subfolder per class
+out_dir = "data/latents"  # path; shards, latents_stats.pt, prepare.json
+image_size = 256  # [16, 4096]; 256 or 512 as released; the latent is image_size / 16
 # tokenizer
-vavae_path = "vavae-imagenet256-f16d32-dinov2.pt"  # our train_vavae.py checkpoint or the released VA-VAE weights
-allow_unsafe_checkpoint = False  # let torch unpickle arbitrary objects (only for checkpoints you trust)
+vavae_path = "vavae-imagenet256-f16d32-dinov2.pt"  # path; our train_vavae.py checkpoint or the released VA-VAE weights
+allow_unsafe_checkpoint = False  # True | False; let torch unpickle arbitrary objects (only for checkpoints you trust)
 # run
-batch_size = 64  # images per encoder call and rank (the mirrored copies double it)
-num_workers = 8  # image decoding processes per rank
-shard_size = 10000  # images per shard file, as released
-seed = 0  # posterior noise of image i is drawn from a generator seeded with seed + i
+batch_size = 64  # >= 1; images per encoder call and rank (the mirrored copies double it)
+num_workers = 8  # >= 0; image decoding processes per rank
+shard_size = 10000  # >= 1; images per shard file, as released
+seed = 0  # [0, 1e18]; posterior noise of image i is drawn from a generator seeded with seed + i
+timeout_minutes = 10.0  # > 0; a collective waiting longer than this (a stuck rank) ends the job
 # demo dataset: if set, write it to this folder and stop (train a VA-VAE on it, then encode it with prepare.py)
-make_demo = ""
-demo_classes = 10
-demo_images_per_class = 100
-demo_image_size = 64
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}  # torchvision's list
+make_demo = ""  # path; a new or empty folder
+demo_classes = 10  # [1, 10]; the first N of the 10 shape-and-colour classes
+demo_images_per_class = 100  # >= 1
+demo_image_size = 64  # [8, 1024]; pixels
 
 
 # -----------------------------------------------------------------------------
 # images
 
-def load_rgb(path):
-    """Decode an image file to 8-bit RGB as torchvision's loader does (no EXIF rotation); raise on unreadable or
-    truncated files. Two cases where that loader gives garbage are fixed (ImageNet's JPEGs have neither, so their
-    latents are unchanged): 16-bit greyscale is rescaled instead of clipped at 255, and transparent pixels are
-    composited over white instead of showing whatever colour they store."""
-    with Image.open(path) as image:
-        image.load()  # decode now so that a truncated file fails here, not later
-        if image.mode.startswith("I"):  # 16/32-bit greyscale
-            gray = np.asarray(image, dtype=np.float64) / 257.0
-            return Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8)).convert("RGB")
-        if image.has_transparency_data:  # RGBA, LA, P with a transparent colour
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-        return image.convert("RGB")  # L, P, CMYK, YCbCr, ... as torchvision's loader does
-
-
-def adm_center_crop(image, size):
-    """ADM's center crop (guided-diffusion), used by the release for every image it encodes."""
-    while min(image.size) >= 2 * size:  # halve with a box filter first: cheap, alias-free downsampling
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def scan_image_folder(root):
     """(files, classes): files is [(path, label)] in torchvision ImageFolder order, classes the sorted subfolder names.
 
     Unlike ImageFolder, an empty class keeps its index (with a warning) instead of stopping the run, so labels
-    always match the folder listing; files with other extensions are ignored and counted."""
+    always match the folder listing, and a folder reached again through a symbolic link (a link loop) is read once;
+    files with other extensions are ignored and counted."""
     if not os.path.isdir(root):
-        raise SystemExit(f"error: data folder {root} does not exist (expected one subfolder per class)")
+        fail(f"data folder {root} {'is a file' if os.path.exists(root) else 'does not exist'} (expected one subfolder "
+             "per class)")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
-        raise SystemExit(f"error: data folder {root} has no class subfolders (expected {root}/<class>/<image>)")
+        fail(f"data folder {root} has no class subfolders (expected {root}/<class>/<image>)")
     files, ignored = [], 0
     for label, name in enumerate(classes):
-        count = 0
-        for folder, _, names in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            for file_name in sorted(names):
-                if os.path.splitext(file_name)[1].lower() in IMAGE_EXTENSIONS:
-                    files.append((os.path.join(folder, file_name), label))
-                    count += 1
-                else:
-                    ignored += 1
-        if count == 0:
+        walked, seen = [], set()
+        for folder, subfolders, names in os.walk(os.path.join(root, name), followlinks=True):
+            if os.path.realpath(folder) in seen:
+                subfolders.clear()
+                continue
+            seen.add(os.path.realpath(folder))
+            subfolders.sort()  # the same path to a linked folder on every run
+            walked.append((folder, names))
+        images = [(os.path.join(folder, n), label) for folder, names in sorted(walked) for n in sorted(names)
+                  if n.lower().endswith(IMAGE_EXTENSIONS)]
+        ignored += sum(len(names) for _, names in walked) - len(images)
+        files += images
+        if not images:
             print(f"warning: class folder {name!r} (label {label}) has no images; its label stays reserved")
     if ignored:
-        print(f"warning: ignored {ignored} files without an image extension ({' '.join(sorted(IMAGE_EXTENSIONS))})")
+        print(f"warning: ignored {ignored} files without an image extension ({' '.join(IMAGE_EXTENSIONS)})")
     if not files:
-        raise SystemExit(f"error: no images found under {root}")
+        fail(f"no images found under {root} (image files end in {' '.join(IMAGE_EXTENSIONS)})")
     return files, classes
 
 
@@ -191,19 +173,21 @@ def _demo_image(rng, shape, colour, size):
     shading = 1 + 0.25 * (ramp[..., None] - 0.5)  # a little light falloff so shapes are not flat
     foreground = (np.array(colour) + rng.uniform(-15, 15, size=3)) * shading
     pixels = background * (1 - alpha) + foreground * alpha
-    return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
 def make_demo_dataset(folder, num_classes=10, images_per_class=100, size=64, seed=0):
     """Write a small class-conditional image set as ImageNet-layout PNGs; the same arguments give the same bytes."""
-    if not 1 <= num_classes <= len(DEMO_CLASSES):
-        raise SystemExit(f"error: the demo dataset has 1 to {len(DEMO_CLASSES)} classes, got {num_classes}")
+    prepare_out_dir(folder, "make_demo")
+    if os.listdir(folder):  # its subfolders become the classes: anything else there would be one more
+        fail(f"--make_demo={folder} is not empty (it holds {sorted(os.listdir(folder))[0]}); choose a new or empty "
+             "folder")
     rng = np.random.default_rng(seed)
     for label, ((colour, shape), rgb) in enumerate(list(DEMO_CLASSES.items())[:num_classes]):
         class_folder = os.path.join(folder, f"{label:02d}_{colour}_{shape}")
-        os.makedirs(class_folder, exist_ok=True)
+        os.makedirs(class_folder)
         for i in range(images_per_class):
-            _demo_image(rng, shape, rgb, size).save(os.path.join(class_folder, f"{i:04d}.png"))
+            save_png(_demo_image(rng, shape, rgb, size), os.path.join(class_folder, f"{i:04d}.png"))
     return folder
 
 
@@ -215,37 +199,38 @@ def shard_path(shard, world_size):
     return os.path.join(out_dir, f"latents_rank{shard % world_size:02d}_shard{shard // world_size:03d}.safetensors")
 
 
+def shard_done(path):
+    """Whether path holds a finished shard. A cheap check catches a copy cut short (the header parses, names our three
+    tensors, and the file ends where it says the data ends); such a shard is reported and encoded again."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size)) if header_size < os.path.getsize(path) else {}
+        end = max(entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__")
+        whole = {"latents", "latents_flip", "labels"} <= set(header) and os.path.getsize(path) == 8 + header_size + end
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # missing or damaged
+        whole = False
+    if not whole and os.path.exists(path):
+        print(f"note: {path} is damaged (a copy cut short?); encoding it again")
+    return whole
+
+
 def check_manifest(manifest):
     """Shards of an earlier run are kept only if that run had the same settings (their names and contents depend on
     them); then record this run's settings."""
     path = os.path.join(out_dir, "prepare.json")
-    if os.path.exists(path) and any(name.endswith(".safetensors") for name in os.listdir(out_dir)):
-        with open(path) as f:
-            previous = json.load(f)
+    if any(name.endswith(".safetensors") for name in os.listdir(out_dir)):
+        try:
+            with open(path) as f:
+                previous = dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            fail(f"{out_dir} holds shards but {path} is missing or unreadable ({e}), so they may come from another "
+                 "run; use a new --out_dir")
         changed = [k for k in manifest if previous.get(k) != manifest[k]]
         if changed:
-            raise SystemExit(f"error: {out_dir} holds shards made with other settings ({', '.join(changed)} "
-                             f"differ; see {path}). Use a new --out_dir, or rerun with the old settings.")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: could not create out_dir {out_dir}: {e.strerror}") from None
-    for name in os.listdir(out_dir):  # leftovers of a crash in write_shard
-        if ".safetensors.tmp" in name:
-            os.remove(os.path.join(out_dir, name))
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def write_shard(path, latents, latents_flip, labels, skipped):
-    """Write to a temporary name and rename, so a file with the final name is always complete."""
-    metadata = {"total_size": str(latents.shape[0]), "dtype": str(latents.dtype), "device": "cpu",
-                "skipped": json.dumps(skipped)}  # the first three as released; `skipped` lists unreadable files
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({"latents": latents.contiguous(), "latents_flip": latents_flip.contiguous(), "labels": labels},
-              tmp, metadata=metadata)
-    os.replace(tmp, path)
+            fail(f"{out_dir} holds shards made with other settings ({', '.join(changed)} differ; see {path}). Use a "
+                 "new --out_dir, or rerun with the old settings.")
+    write_atomically(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 @torch.no_grad()
@@ -266,8 +251,8 @@ def encode_shard(autoencoder, files, indices, device, progress):
             noise = torch.cat([noise[:, 0], noise[:, 1]]).to(device)
             z = (posterior.mean + posterior.std * noise).float().cpu()  # the posterior sample, with our noise
             if not z.isfinite().all():
-                raise SystemExit(f"error: {vavae_path} gives non-finite latents (first for "
-                                 f"{files[image_indices[0]][0]}); its weights may be broken")
+                fail(f"{vavae_path} gives non-finite latents (first for {files[image_indices[0]][0]}); its weights "
+                     "may be broken")
             latents.append(z[:len(image_indices)])
             latents_flip.append(z[len(image_indices):])
             labels.append(batch_labels)
@@ -285,27 +270,24 @@ def main(argv=None):
               f"{demo_image_size}px) to {make_demo}")
         return
 
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(timeout_minutes)
     if device.type == "cuda":  # the release extracts with TF32 matmuls and convolutions
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if not os.path.exists(vavae_path):
-        raise SystemExit(f"error: VA-VAE checkpoint {vavae_path} does not exist (train one with train_vavae.py "
-                         "or download the released vavae-imagenet256-f16d32-dinov2.pt)")
-    for name in ("batch_size", "shard_size"):
-        if settings[name] < 1:
-            raise SystemExit(f"error: --{name} must be positive, got {settings[name]}")
+        fail(f"VA-VAE checkpoint {vavae_path} does not exist (train one with train_vavae.py or download the released "
+             "vavae-imagenet256-f16d32-dinov2.pt)")
     autoencoder = load_autoencoder(vavae_path, allow_unsafe_checkpoint).to(device)  # a bad file stops before any write
-    if image_size < 1 or image_size % autoencoder.downsample_factor:
-        raise SystemExit(f"error: --image_size {image_size} must be a positive multiple of "
-                         f"{autoencoder.downsample_factor} (the autoencoder's downsampling)")
-    files, classes = scan_image_folder(data_dir) if rank == 0 else (None, None)
+    if image_size % autoencoder.downsample_factor:
+        fail(f"--image_size={image_size} must be a multiple of {autoencoder.downsample_factor} (the autoencoder's "
+             "downsampling)")
+    files_and_classes = list(scan_image_folder(data_dir)) if rank == 0 else [None, None]
     if world_size > 1:  # one scan, so every rank sees the same file list
-        shared = [files, classes]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        files, classes = shared
+        torch.distributed.broadcast_object_list(files_and_classes, src=0)
+    files, classes = files_and_classes
     if rank == 0:
         print(f"{len(files)} images in {len(classes)} classes, {world_size} rank(s); settings: {settings}")
+        prepare_out_dir(out_dir)  # before the slow part; one rank only, as it removes temporary files
         check_manifest({"data_dir": os.path.abspath(data_dir), "num_files": len(files), "classes": classes,
                         "image_size": image_size, "vavae_path": os.path.abspath(vavae_path), "seed": seed,
                         "shard_size": shard_size, "world_size": world_size})
@@ -315,7 +297,7 @@ def main(argv=None):
     with torch.no_grad():
         latent_shape = autoencoder.encode(torch.zeros(1, 3, image_size, image_size, device=device)).mean.shape[1:]
     num_shards = math.ceil(len(files) / shard_size)
-    mine = [k for k in range(rank, num_shards, world_size) if not os.path.exists(shard_path(k, world_size))]
+    mine = [k for k in range(rank, num_shards, world_size) if not shard_done(shard_path(k, world_size))]
     todo = sum(min(shard_size, len(files) - k * shard_size) for k in mine)
     if rank == 0:
         print(f"latents of shape {tuple(latent_shape)}; {num_shards} shard(s) of up to {shard_size} images, "
@@ -336,9 +318,11 @@ def main(argv=None):
         indices = list(range(k * shard_size, min((k + 1) * shard_size, len(files))))
         latents, latents_flip, labels, skipped = encode_shard(autoencoder, files, indices, device, progress)
         if latents is None:  # a whole shard unreadable: a broken folder or mount, not a few bad files
-            raise SystemExit(f"error: none of the {len(indices)} images of shard {k} could be read, e.g. "
-                             f"{skipped[0]}; check {data_dir}")
-        write_shard(shard_path(k, world_size), latents, latents_flip, labels, skipped)
+            fail(f"none of the {len(indices)} images of shard {k} could be read, e.g. {skipped[0]}; check {data_dir}")
+        metadata = {"total_size": str(len(labels)), "dtype": str(latents.dtype), "device": "cpu",
+                    "skipped": json.dumps(skipped)}  # the first three as released; `skipped` lists unreadable files
+        tensors = {"latents": latents.contiguous(), "latents_flip": latents_flip.contiguous(), "labels": labels}
+        write_atomically(shard_path(k, world_size), lambda f: f.write(save(tensors, metadata=metadata)))
     if world_size > 1:
         torch.distributed.barrier()
 

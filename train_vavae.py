@@ -27,67 +27,55 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from config import checkpoint_name, configure, latest_checkpoint, load_checkpoint, save_checkpoint, setup_distributed
+from config.runtime import (IMAGE_EXTENSIONS, MetricsLog, catch_stop_signals, check_resume, checkpoint_name, configure,
+                            fail, latest_checkpoint, list_images, load_checkpoint, load_rgb, prepare_out_dir,
+                            save_checkpoint, save_png, setup_distributed, should_stop)
 from vavae import (AutoencoderKL, FoundationModel, LPIPS, NLayerDiscriminator, VFLoss, adaptive_weight, hinge_d_loss,
                    images_to_uint8, load_autoencoder, load_weights)
 
 # data
-data_dir = "data/imagenet/train"  # one subfolder per class
-image_size = 256  # training crop; the latent is image_size / 16
-num_workers = 8  # image decoding processes per rank
+data_dir = "data/imagenet/train"  # path; one subfolder per class
+image_size = 256  # >= 16; training crop, a multiple of 16; the latent is image_size / 16
+num_workers = 8  # >= 0; image decoding processes per rank
 # autoencoder (the released f16d32; only the width and latent channels are exposed)
-ch = 128
-embed_dim = 32
-init_from = ""  # start from these weights (a checkpoint or a folder of them; the released file works too)
+ch = 128  # >= 32; width, a multiple of 32 (GroupNorm has 32 groups)
+embed_dim = 32  # >= 1; latent channels
+init_from = ""  # path; start from these weights (a checkpoint or a folder of them; the released file works too)
 # VF loss (paper section 3.2)
-vf_model = "vit_large_patch14_dinov2.lvd142m"  # timm name; "vit_large_patch16_224.mae" for MAE; "" for the LDM baseline
-vf_weights = "hub"  # "hub": download through timm; or a local weights file; "random": untrained (tests only)
-vf_image_size = 224  # the image is resized to this for the foundation model (DINOv2 224 -> 16x16; MAE: 256)
-vf_imagenet_norm = False  # the release feeds DINOv2 the [-1,1] image without ImageNet normalisation
-vf_weight = 0.1  # times the adaptive weight ||grad nll|| / ||grad vf||
-cos_margin = 0.5  # m1
-distmat_margin = 0.25  # m2
+vf_model = "vit_large_patch14_dinov2.lvd142m"  # text; timm name; "vit_large_patch16_224.mae" for MAE; "" for LDM
+vf_weights = "hub"  # text; "hub": download through timm; or a local weights file; "random": untrained (tests only)
+vf_image_size = 224  # >= 14; the image is resized to this for the foundation model (DINOv2 224 -> 16x16; MAE: 256)
+vf_imagenet_norm = False  # True | False; the release feeds DINOv2 the [-1,1] image without ImageNet normalisation
+vf_weight = 0.1  # >= 0; times the adaptive weight ||grad nll|| / ||grad vf||
+cos_margin = 0.5  # [0, 1]; m1
+distmat_margin = 0.25  # [0, 1]; m2
 # reconstruction and GAN losses
-lpips_weights = "vgg.pth"  # LPIPS heads (`lpips` package: lpips/weights/v0.1/vgg.pth) or a checkpoint with them
-perceptual_weight = 1.0  # 0: no LPIPS (not even built)
-kl_weight = 1e-6
-disc_weight = 0.5  # times the adaptive weight ||grad nll|| / ||grad g_loss||
-disc_start = 2501  # first step with the GAN; the release's 5001 counts Lightning optimizer steps, two per step
+lpips_weights = "vgg.pth"  # path; LPIPS heads (`lpips` package: lpips/weights/v0.1/vgg.pth) or a checkpoint with them
+perceptual_weight = 1.0  # >= 0; 0: no LPIPS (not even built)
+kl_weight = 1e-6  # >= 0
+disc_weight = 0.5  # >= 0; times the adaptive weight ||grad nll|| / ||grad g_loss||
+disc_start = 2501  # >= 0; first step with the GAN; the release's 5001 counts Lightning optimizer steps, two per step
 # optimisation
-epochs = 50
-max_steps = 0  # stop at this step if > 0 (it must fall within the epochs)
-global_batch_size = 256
-micro_batch_size = 0  # per-process batch of one forward pass; 0: the whole share (smaller: gradient accumulation)
-lr = 1e-4
-beta1 = 0.5
-beta2 = 0.9
-ema_decay = 0.0  # keep an EMA of the autoencoder weights if > 0 (the release keeps none)
+epochs = 50  # >= 1
+max_steps = 0  # >= 0; stop at this step if > 0 (it must fall within the epochs)
+global_batch_size = 256  # >= 1
+micro_batch_size = 0  # >= 0; per-process batch of one forward pass; 0: the whole share (smaller: accumulation)
+lr = 1e-4  # > 0
+beta1 = 0.5  # [0, 1)
+beta2 = 0.9  # [0, 1)
+ema_decay = 0.0  # [0, 1); keep an EMA of the autoencoder weights if > 0 (the release keeps none)
 # system
-seed = 0
-out_dir = "out/vavae"
-log_every = 50
-image_every = 1000  # write a PNG of inputs over reconstructions every N steps if > 0
-ckpt_every = 5000
-compile = None  # torch.compile the networks; None: on CUDA only
-bf16 = None  # bf16 autocast; None: on CUDA only (bf16 is very slow on CPUs)
-allow_unsafe_checkpoint = False
+seed = 0  # >= 0
+out_dir = "out/vavae"  # path
+log_every = 50  # >= 1; print a line and append it to out_dir/metrics.jsonl
+image_every = 1000  # >= 0; write a PNG of the same 8 images over their reconstructions every N steps if > 0
+ckpt_every = 5000  # >= 1; SIGINT/SIGTERM also save one, at the next step
+timeout_minutes = 10.0  # > 0; a collective waiting longer than this (a stuck rank) ends the job
+compile = None  # True | False | None; torch.compile the networks; None: on CUDA only
+bf16 = None  # True | False | None; bf16 autocast; None: on CUDA only (bf16 is very slow on CPUs)
+allow_unsafe_checkpoint = False  # True | False; let torch unpickle arbitrary objects (only files you trust)
 config = configure(globals())
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def fail(message):
-    raise SystemExit(f"error: {message}")
-
-
-def list_images(root):
-    if not os.path.isdir(root):
-        fail(f"data_dir {root} does not exist (expected an ImageNet-layout folder: {root}/<class>/<image>)")
-    files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
-                   for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-        fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return files
 
 
 class RandomCrops(torch.utils.data.Dataset):
@@ -102,8 +90,7 @@ class RandomCrops(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, crop_seed = item
         try:
-            with Image.open(self.files[index]) as image:
-                image = image.convert("RGB")  # greyscale, CMYK, palette, RGBA (alpha dropped) -> RGB
+            image = load_rgb(self.files[index])
         except Exception:  # noqa: BLE001 -- PIL raises many types for broken files
             return None
         scale = self.size / min(image.size)  # short side -> size, as the release (it upscales small images too)
@@ -153,19 +140,23 @@ def average_gradients(params):
         g.copy_(chunk.view_as(g))
 
 
-def save_image_grid(x, recon, step):
-    """Inputs (top row) over reconstructions (bottom row), at most 8 images."""
-    rows = images_to_uint8(torch.cat([x[:8], recon[:8]]).float()).cpu()  # (2n, H, W, 3)
+@torch.no_grad()
+def save_image_grid(step):
+    """The same (up to) 8 center crops for the whole run (top row) over their reconstructions from the posterior mean."""
+    with autocast:
+        recon = autoencoder.decode(autoencoder.encode(grid_images).mean)
+    rows = images_to_uint8(torch.cat([grid_images, recon.float()])).cpu()  # (2n, H, W, 3)
     n, h, w = len(rows) // 2, rows.shape[1], rows.shape[2]
     grid = rows.reshape(2, n, h, w, 3).permute(0, 2, 1, 3, 4).reshape(2 * h, n * w, 3)
-    Image.fromarray(grid.numpy()).save(os.path.join(out_dir, f"recon_{step:08d}.png"))
+    save_png(grid.numpy(), os.path.join(out_dir, f"recon_{step:08d}.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # setup
 
-rank, world_size, device = setup_distributed()
+rank, world_size, device = setup_distributed(timeout_minutes)
 master = rank == 0
+catch_stop_signals()
 use_compile = device.type == "cuda" if compile is None else compile
 use_bf16 = device.type == "cuda" if bf16 is None else bf16
 autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -174,13 +165,7 @@ if device.type == "cuda":
     torch.backends.cudnn.allow_tf32 = True
 if master:
     print("config:", config)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"could not create out_dir {out_dir}: {e.strerror}")
 
-if global_batch_size < 1 or micro_batch_size < 0:
-    fail(f"global_batch_size must be positive and micro_batch_size >= 0 (got {global_batch_size}, {micro_batch_size})")
 if global_batch_size % world_size:
     fail(f"global_batch_size {global_batch_size} is not divisible by the {world_size} processes")
 per_rank = global_batch_size // world_size
@@ -191,7 +176,11 @@ accumulation = per_rank // micro
 if image_size % 16 or ch % 32:
     fail(f"image_size ({image_size}) must be a multiple of 16 and ch ({ch}) of 32 (GroupNorm has 32 groups)")
 
+if not os.path.isdir(data_dir):
+    fail(f"data_dir {data_dir} does not exist (expected an ImageNet-layout folder: {data_dir}/<class>/<image>)")
 files = list_images(data_dir)
+if not files:
+    fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {data_dir}")
 steps_per_epoch = len(files) // global_batch_size
 if steps_per_epoch == 0:
     fail(f"{len(files)} images in {data_dir} are fewer than one global batch of {global_batch_size}")
@@ -200,6 +189,8 @@ if max_steps > total_steps:
     fail(f"--max_steps={max_steps} is past the end of --epochs={epochs} ({total_steps} steps of {global_batch_size}); "
          "raise --epochs or lower --max_steps")
 total_steps = max_steps or total_steps
+if master:
+    prepare_out_dir(out_dir)  # writable? now, not at the first checkpoint hours later
 
 torch.manual_seed(seed)  # the same initial weights on every rank
 autoencoder = AutoencoderKL(ch=ch, z_channels=embed_dim, embed_dim=embed_dim).to(device)
@@ -207,7 +198,8 @@ discriminator = NLayerDiscriminator().to(device)
 lpips = LPIPS(lpips_weights, allow_unsafe_checkpoint).to(device) if perceptual_weight > 0 else None
 if lpips:
     lpips.train()  # release quirk: Lightning switches the whole module to train mode, so LPIPS's dropout is active
-foundation = FoundationModel(vf_model, vf_weights, vf_image_size, vf_imagenet_norm).to(device) if vf_model else None
+foundation = FoundationModel(vf_model, vf_weights, vf_image_size, vf_imagenet_norm,
+                             allow_unsafe_checkpoint).to(device) if vf_model else None
 latent_side = image_size // autoencoder.downsample_factor
 if foundation and foundation.grid != latent_side:
     fail(f"{vf_model} at --vf_image_size={vf_image_size} gives a {foundation.grid}x{foundation.grid} token grid but "
@@ -222,8 +214,15 @@ optimizer_disc = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta
 
 step = 0
 resume_path = latest_checkpoint(out_dir)
+RESUME_FREE = {"data_dir", "num_workers", "init_from", "epochs", "max_steps", "out_dir", "log_every", "image_every",
+               "ckpt_every", "timeout_minutes", "compile", "allow_unsafe_checkpoint",  # they leave the arithmetic
+               "lr"}  # changes it on purpose, e.g. to get past a divergence
 if resume_path:
-    checkpoint = load_checkpoint(resume_path, allow_unsafe_checkpoint)
+    checkpoint = load_checkpoint(resume_path, allow_unsafe_checkpoint,
+                                 need=("autoencoder", "optimizer_ae", "optimizer_disc", "step", "config"),
+                                 hint=": it is not a train_vavae.py checkpoint to resume. To start from its weights, "
+                                      "move it out of out_dir and pass --init_from=IT")
+    check_resume(checkpoint["config"], config, resume_path, RESUME_FREE)
     for name, module in trained.items():
         load_strict(module, checkpoint.get(name, {}), f"{name} of {resume_path}")
     if ema is not None:
@@ -261,6 +260,10 @@ if use_compile:  # in place, so that state_dict keys keep their names
         if module is not None:
             module.compile()
 decoder_last, encoder_last = autoencoder.decoder.conv_out.weight, autoencoder.encoder.conv_out.weight
+grid_images = [RandomCrops(files, image_size)[(i, 0)] for i in range(0, len(files), len(files) // 8 or 1)][:8]
+grid_images = torch.stack([x for x in grid_images if x is not None] or [torch.zeros(3, image_size, image_size)])
+grid_images = grid_images.to(device)  # spread over the data set, one fixed crop each: progress can be compared
+metrics = MetricsLog(out_dir, step, total_steps, master)
 if master:
     print(f"{sum(p.numel() for p in autoencoder.parameters()):,} autoencoder parameters; {len(files):,} images; "
           f"{steps_per_epoch} steps per epoch; training to step {total_steps}; {world_size} process(es) x "
@@ -276,6 +279,7 @@ def save(step):
         if ema is not None:
             state["autoencoder_ema"] = ema.state_dict()
         save_checkpoint(state, os.path.join(out_dir, checkpoint_name(step)))
+        metrics.plot()
         print(f"saved {os.path.join(out_dir, checkpoint_name(step))}")
     if world_size > 1:
         dist.barrier()
@@ -287,11 +291,13 @@ def save(step):
 loader = torch.utils.data.DataLoader(RandomCrops(files, image_size), batch_sampler=micro_batches(step),
                                      num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda")
 batches = iter(loader)
-LOG_NAMES = ("loss", "nll", "kl", "vf_loss", "vf_weight", "g_loss", "d_weight", "d_loss")
-log_sums, log_steps, log_time, skipped = torch.zeros(len(LOG_NAMES), device=device), 0, time.time(), 0
+# nll_sum is the released objective (summed over pixels); l1 and lpips are its two terms as per-pixel means
+LOG_NAMES = ("loss", "nll_sum", "l1", "lpips", "kl", "vf_loss", "vf_weight", "g_loss", "d_weight", "d_loss")
+GAN_NAMES = ("g_loss", "d_weight", "d_loss")  # shown once the GAN has started
+log_sums, log_steps, log_time, skipped, stop = torch.zeros(len(LOG_NAMES), device=device), 0, time.time(), 0, False
 for group in optimizer_ae.param_groups + optimizer_disc.param_groups:
     group["lr"] = lr  # this run's learning rate, also after a resume
-while step < total_steps:
+while step < total_steps and not stop:
     torch.manual_seed((seed * 1_000_003 + step) * world_size + rank)  # posterior noise and LPIPS dropout of this step
     disc_factor = 1.0 if step >= disc_start else 0.0
     step_logs, decoded = torch.zeros(len(LOG_NAMES), device=device), 0
@@ -309,9 +315,9 @@ while step < total_steps:
             posterior = autoencoder.encode(x)
             z = posterior.sample()
             recon = autoencoder.decode(z)
-            rec_loss = (x - recon).abs()
-            if lpips:
-                rec_loss = rec_loss + perceptual_weight * lpips(x, recon)  # (B,1,1,1): added to every pixel
+            l1 = (x - recon).abs()
+            p_loss = lpips(x, recon) if lpips else torch.zeros(batch, 1, 1, 1, device=device)
+            rec_loss = l1 + perceptual_weight * p_loss  # p_loss (B,1,1,1) is added to every pixel
             # the release divides by exp(logvar) and adds logvar, but logvar is in no optimizer: it stays 0
             nll = rec_loss.sum() / batch  # summed over pixels and channels, averaged over the batch, as released
             kl = posterior.kl().sum() / batch
@@ -329,7 +335,7 @@ while step < total_steps:
         with autocast:
             d_loss = disc_factor * hinge_d_loss(discriminator(x), discriminator(recon.detach()))
         (d_loss / accumulation).backward()
-        values = (loss, nll, kl, vf, w_vf, g_loss, d_weight, d_loss)
+        values = (loss, nll, l1.mean(), p_loss.mean(), kl, vf, w_vf, g_loss, d_weight, d_loss)
         step_logs += torch.stack([v.detach().float() for v in values]) / accumulation
 
     if decoded == 0:  # a whole batch unreadable: a broken folder or mount, not a few bad files
@@ -354,18 +360,22 @@ while step < total_steps:
     log_steps += 1
 
     last = step == total_steps
-    if master and image_every and (step % image_every == 0 or last) and x is not None:
-        save_image_grid(x.detach(), recon.detach(), step)
-    if step % log_every == 0 or last:
-        logs = dict(zip(LOG_NAMES, (log_sums / log_steps).tolist()))
+    stop = should_stop(step)  # SIGINT/SIGTERM: a checkpoint now, on every rank at the same step
+    if master and image_every and (step % image_every == 0 or last):
+        save_image_grid(step)
+    if step % log_every == 0 or last or stop:
+        logs = {k: v for k, v in zip(LOG_NAMES, (log_sums / log_steps).tolist())
+                if (step > disc_start or k not in GAN_NAMES) and (lpips or k != "lpips")}
         elapsed = time.time() - log_time
+        eta = metrics.log(step, {"epoch": step / steps_per_epoch, **logs, "lr": lr,
+                                 "img_per_s": log_steps * global_batch_size / elapsed})
         if master:
             print(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} | "
                   + " ".join(f"{k} {v:.4g}" for k, v in logs.items())
-                  + f" | {log_steps * global_batch_size / elapsed:.1f} img/s", flush=True)
+                  + f" | {log_steps * global_batch_size / elapsed:.1f} img/s | eta {eta}", flush=True)
         log_sums.zero_()
         log_steps, log_time = 0, time.time()
-    if step % ckpt_every == 0 or last:
+    if step % ckpt_every == 0 or last or stop:
         save(step)
 
 if world_size > 1:
@@ -376,4 +386,6 @@ if world_size > 1:
 if master:
     if skipped:
         print(f"warning: skipped {skipped} unreadable image(s) (their batches were smaller)")
-    print(f"done: step {step}; checkpoints in {out_dir}")
+    print(f"{'stopped by a signal; rerun the same command to resume' if stop and step < total_steps else 'done'}: "
+          f"step {step}/{total_steps}; {metrics.summary(step, global_batch_size, 'l1')}; checkpoints, metrics.jsonl "
+          f"and metrics.png in {out_dir}")

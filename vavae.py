@@ -29,7 +29,7 @@ except RuntimeError as e:  # CUDA torchvision wheel next to CPU torch: declare i
     import torchvision  # noqa: F401
 import timm
 
-from config import load_checkpoint
+from config.runtime import load_checkpoint
 
 AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
@@ -268,20 +268,6 @@ def uint8_to_images(u8):
     return ((u8.float() / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
 
 
-def load_latent_stats(path):
-    """(mean, std), each (1,C,1,1) float32, from a latents_stats.pt written by prepare.py (or the release's)."""
-    stats = load_checkpoint(path)
-    if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
-        raise SystemExit(f"error: {path} is not a latent statistics file (expected a dict with 'mean' and 'std')")
-    if not all(isinstance(stats[k], torch.Tensor) for k in ("mean", "std")):
-        raise SystemExit(f"error: {path}: 'mean' and 'std' must be tensors")
-    mean, std = (stats[k].float().reshape(1, -1, 1, 1) for k in ("mean", "std"))
-    if mean.shape != std.shape or not bool((std > 0).all()) or not bool(mean.isfinite().all() & std.isfinite().all()):
-        raise SystemExit(f"error: {path}: mean {tuple(mean.shape)} and std {tuple(std.shape)} must have one finite "
-                         "entry per latent channel and std must be positive")
-    return mean, std
-
-
 def normalize_latents(z, mean, std):
     return (z - mean) / std
 
@@ -302,7 +288,7 @@ class FoundationModel(nn.Module):
     weights: "hub" (timm / Hugging Face download), a local weights file, or "random" (tests only)."""
 
     def __init__(self, name="vit_large_patch14_dinov2.lvd142m", weights="hub", image_size=224, imagenet_norm=False,
-                 **timm_kwargs):
+                 allow_unsafe=False, **timm_kwargs):
         super().__init__()
         if weights not in ("hub", "random") and not os.path.isfile(weights):
             raise SystemExit(f"error: foundation model weights {weights} do not exist "
@@ -310,9 +296,27 @@ class FoundationModel(nn.Module):
         if not timm.is_model(name):
             raise SystemExit(f"error: unknown foundation model {name!r}; give a timm model name, e.g. "
                              "vit_large_patch14_dinov2.lvd142m (DINOv2) or vit_large_patch16_224.mae (MAE)")
-        overlay = dict(file=weights) if weights not in ("hub", "random") else None
-        self.model = timm.create_model(name, pretrained=weights != "random", pretrained_cfg_overlay=overlay,
-                                       dynamic_img_size=True, num_classes=0, **timm_kwargs)
+        overlay = None
+        if weights not in ("hub", "random"):  # read here, not by timm, whose torch.load would unpickle anything
+            if weights.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                state = load_file(weights)
+            else:
+                state = load_checkpoint(weights, allow_unsafe)
+            state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+            if not isinstance(state, dict):
+                raise SystemExit(f"error: {weights} holds a {type(state).__name__}, not a state dict of {name}")
+            overlay = dict(state_dict=state)  # timm still maps the official DINOv2 / MAE key names onto its own
+        try:
+            self.model = timm.create_model(name, pretrained=weights != "random", pretrained_cfg_overlay=overlay,
+                                           dynamic_img_size=True, num_classes=0, **timm_kwargs)
+        except Exception as e:  # noqa: BLE001 -- timm's download, or its own torch.load of a local file
+            if weights == "random":
+                raise
+            reason = ("it holds pickled Python objects beyond tensors: save the model's plain state_dict"
+                      if "Unsupported global" in str(e) else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+            raise SystemExit(f"error: could not load the {name} weights from {'the hub' if overlay is None else weights} "
+                             f"({reason}); give --vf_weights=a local weights file of that model") from None
         self.model.requires_grad_(False)
         self.image_size, self.imagenet_norm = image_size, imagenet_norm
         self.grid = image_size // self.model.patch_embed.patch_size[0]

@@ -121,7 +121,8 @@ VAVAE_TINY = ["--image_size=64", "--ch=32", "--vf_model=", "--perceptual_weight=
 
 
 def vavae_checkpoint_of_ch64(out):
-    torch.save({"autoencoder": vavae.AutoencoderKL(ch=64).state_dict(), "step": 1}, out / "step_00000001.pt")
+    torch.save({"autoencoder": vavae.AutoencoderKL(ch=64).state_dict(), "optimizer_ae": {}, "optimizer_disc": {},
+                "step": 1, "config": {}}, out / "step_00000001.pt")
 
 
 @pytest.mark.parametrize("args, setup, pattern", [
@@ -133,7 +134,35 @@ def vavae_checkpoint_of_ch64(out):
     (["--data_dir={f}/missing"], None, "data_dir .*missing does not exist"),
     (["--data_dir={f}/empty"], None, "no images .* under .*empty"),
     (["--data_dir={f}/corrupt"], None, r"none of the 4 images of step 0 \(rank 0\) could be decoded"),
-    (["--global_batch_size=0"], None, "global_batch_size must be positive"),
+    (["--global_batch_size=0"], None, "--global_batch_size=0 is not allowed: it must be >= 1"),
+    (["--global_batch_size=-4"], None, "--global_batch_size=-4 is not allowed"),
+    (["--micro_batch_size=-1"], None, "--micro_batch_size=-1 is not allowed: it must be >= 0"),
+    (["--lr=-1"], None, "--lr=-1.0 is not allowed: it must be > 0"),
+    (["--ema_decay=1.5"], None, r"--ema_decay=1.5 is not allowed: it must be in \[0, 1\)"),
+    (["--epochs=0"], None, "--epochs=0 is not allowed: it must be >= 1"),
+    (["--max_steps=-5"], None, "--max_steps=-5 is not allowed: it must be >= 0"),
+    (["--ckpt_every=0"], None, "--ckpt_every=0 is not allowed"),
+    (["--log_every=0"], None, "--log_every=0 is not allowed"),
+    (["--num_workers=-1"], None, "--num_workers=-1 is not allowed: it must be >= 0"),
+    (["--ch=0"], None, "--ch=0 is not allowed: it must be >= 32"),
+    (["--image_size=0"], None, "--image_size=0 is not allowed: it must be >= 16"),
+    (["--image_size=40"], None, r"image_size \(40\) must be a multiple of 16"),
+    (["--vf_weight=-0.1"], None, "--vf_weight=-0.1 is not allowed"),
+    (["--cos_margin=2"], None, r"--cos_margin=2.0 is not allowed: it must be in \[0, 1\]"),
+    (["--kl_weight=nan"], None, "--kl_weight='nan' is not a valid float"),
+    (["--bf16=no"], None, "--bf16='no' is not allowed: it must be one of True, False, None"),
+    (["--compile=flase"], None, "--compile='flase' is not allowed: it must be one of True, False, None"),
+    (["--timeout_minutes=0"], None, "--timeout_minutes=0.0 is not allowed: it must be > 0"),
+    ([], lambda out: torch.save({"model": {}, "ema": {}, "optimizer": {}, "step": 2, "config": {}},
+                                out / "step_00000002.pt"),
+     "step_00000002.pt lacks autoencoder, optimizer_ae, optimizer_disc: it is not a train_vavae.py checkpoint to "
+     "resume.* --init_from"),
+    (["--vf_model=vit_small_patch14_dinov2.lvd142m", "--vf_image_size=56", "--vf_weights={f}/pickled.pt"], None,
+     "pickled.pt holds pickled Python objects beyond tensors .* --allow_unsafe_checkpoint=True"),
+    (["--vf_model=vit_small_patch14_dinov2.lvd142m", "--vf_image_size=56", "--vf_weights={f}/truncated.pt"], None,
+     "truncated.pt is not a readable checkpoint"),
+    (["--vf_model=vit_small_patch14_dinov2.lvd142m", "--vf_image_size=56", "--vf_weights={f}/dit.pt"], None,
+     "could not load the vit_small_patch14_dinov2.lvd142m weights from .*dit.pt \\(.*\\); give --vf_weights"),
     (["--ch=40"], None, "ch \\(40\\) of 32"),
     ([], vavae_checkpoint_of_ch64,
      r"autoencoder of .*step_00000001.pt does not fit AutoencoderKL \(check --ch.*shape mismatch"),
@@ -147,6 +176,7 @@ def vavae_checkpoint_of_ch64(out):
     (["--perceptual_weight=1.0", "--lpips_weights={f}/dit.pt"], None,
      r"dit.pt is not an LPIPS weights file \(no lin0..lin4 heads\)"),
     (["--out_dir={f}/vavae.pt/run"], None, "could not create out_dir .*vavae.pt/run: Not a directory"),
+    (["--out_dir={f}/vavae.pt"], None, "out_dir .*vavae.pt is a file, not a folder; choose another --out_dir"),
 ])
 def test_train_vavae(files, tmp_path, args, setup, pattern):
     out = fresh_out_dir(tmp_path)
@@ -157,183 +187,3 @@ def test_train_vavae(files, tmp_path, args, setup, pattern):
                                                              f"--out_dir={out}", *args]), out, pattern)
 
 
-# -----------------------------------------------------------------------------
-# prepare.py
-
-def run_prepare(args):
-    import prepare
-    with isolated():
-        importlib.reload(prepare).main(args)  # fresh module constants for every run
-
-
-def other_settings_shards(out):
-    (out / "prepare.json").write_text('{"seed": 1}')
-    (out / "latents_rank00_shard000.safetensors").write_bytes(b"an earlier run's shard")
-
-
-@pytest.mark.parametrize("args, setup, pattern", [
-    (["--no_such_option=1"], None, "unknown option --no_such_option"),
-    (["--image_size=big"], None, "--image_size='big' is not a valid int"),
-    (["--seed=1.5"], None, "--seed expects int"),
-    (["{f}/nope.py"], None, "config file .*nope.py does not exist"),
-    (["--vavae_path={f}/nope.pt"], None, "VA-VAE checkpoint .*nope.pt does not exist"),
-    (["--vavae_path={f}/truncated.pt"], None, "truncated.pt is not a readable checkpoint"),
-    (["--vavae_path={f}/dit.pt"], None, "dit.pt has no autoencoder weights"),
-    (["--vavae_path={f}/tensor.pt"], None, "tensor.pt holds a Tensor"),
-    (["--vavae_path={f}/vavae_kw64.pt"], None, KW64_MISMATCH),
-    (["--vavae_path={f}/pickled.pt"], None, "pickled Python objects"),
-    (["--vavae_path={f}/vavae_nan.pt"], None, "vavae_nan.pt gives non-finite latents"),
-    (["--data_dir={f}/missing"], None, "data folder .*missing does not exist"),
-    (["--data_dir={f}/mixed"], None, "has no class subfolders"),
-    (["--data_dir={f}/empty"], None, "no images found under .*empty"),
-    (["--data_dir={f}/corrupt"], None, r"none of the 4 images of shard 0 could be read, e.g. .*0.png"),
-    (["--image_size=40"], None, "--image_size 40 must be a positive multiple of 16"),
-    (["--shard_size=0"], None, "shard_size must be positive"),
-    (["--batch_size=0"], None, "batch_size must be positive"),
-    ([], other_settings_shards, "holds shards made with other settings"),
-    (["--out_dir={f}/vavae.pt/latents"], None, "could not create out_dir .*vavae.pt/latents: Not a directory"),
-    (["--make_demo={f}/demo", "--demo_classes=11"], None, "the demo dataset has 1 to 10 classes"),
-])
-def test_prepare(files, tmp_path, args, setup, pattern):
-    out = fresh_out_dir(tmp_path)
-    if setup:
-        setup(out)
-    args = [a.format(f=files) for a in args]
-    expect_clear_error(lambda: run_prepare([f"--data_dir={files}/images", f"--vavae_path={files}/vavae.pt",
-                                            f"--out_dir={out}", "--image_size=64", "--num_workers=0", *args]),
-                       out, pattern)
-    assert not os.path.exists(out / "latents_stats.pt")
-
-
-# -----------------------------------------------------------------------------
-# sample.py
-
-def run_sample(args):
-    import sample
-    with isolated():
-        importlib.reload(sample).main(args)
-
-
-def numbered_pngs_without_manifest(out):
-    write_png(out / "000000.png", 0)
-
-
-@pytest.mark.parametrize("args, setup, pattern", [
-    (["--no_such_option=1"], None, "unknown option --no_such_option"),
-    (["--num_steps=many"], None, "--num_steps='many' is not a valid int"),
-    (["--cfg_scale=[1]"], None, "--cfg_scale expects float"),
-    (["--mode=video"], None, "--mode='video'; choose one of grid, fid"),
-    (["--method=rk4"], None, "--method='rk4'; choose one of euler, heun"),
-    (["--dit_path={f}/nope.pt"], None, "checkpoint .*nope.pt does not exist"),
-    (["--dit_path={f}/truncated.pt"], None, "truncated.pt is not a readable checkpoint"),
-    (["--dit_path={f}/vavae.pt"], None, "vavae.pt holds no LightningDiT weights"),
-    (["--vavae_path={f}/dit.pt"], None, "dit.pt has no autoencoder weights"),
-    (["--vavae_path={f}/vavae16.pt"], None, "the DiT takes 32 latent channels, the VA-VAE makes 16"),
-    (["--latent_stats_path={f}/nope.pt"], None, "latent statistics .*nope.pt do not exist"),
-    (["--latent_stats_path={f}/vavae.pt"], None, "vavae.pt is not a latent statistics file"),
-    (["--latent_stats_path={f}/stats_nan.pt"], None, "stats_nan.pt: .* must have one finite entry per latent channel"),
-    (["--dit_path={f}/dit_nan.pt"], None, "the DiT gave non-finite latents; .*dit_nan.pt"),
-    (["--mode=grid", "--grid_labels=(3, 10)"], None, r"--grid_labels=\(3, 10\) has labels outside 0..9"),
-    (["--num_images=0"], None, "--num_images must be at least 1"),
-    (["--batch_size=0"], None, "--batch_size must be at least 1"),
-    (["--num_steps=1"], None, "--num_steps must be at least 2"),
-    ([], numbered_pngs_without_manifest, "holds numbered PNGs but no run.json"),
-    (["--out_dir={f}/vavae.pt/samples"], None, "could not create out_dir .*vavae.pt/samples: Not a directory"),
-])
-def test_sample(files, tmp_path, args, setup, pattern):
-    out = fresh_out_dir(tmp_path)
-    if setup:
-        setup(out)
-    args = [a.format(f=files) for a in args]
-    expect_clear_error(lambda: run_sample([f"--dit_path={files}/dit.pt", f"--vavae_path={files}/vavae.pt",
-                                           f"--latent_stats_path={files}/stats.pt", f"--out_dir={out}", "--mode=fid",
-                                           "--num_images=2", "--num_steps=2", "--batch_size=2", *args]),
-                       out, pattern)
-
-
-# -----------------------------------------------------------------------------
-# fid.py
-
-@pytest.fixture(scope="module")
-def fid_files(files):
-    """An untrained FID Inception weights file (same shapes as the real one, no download), an ADM .npz and stats."""
-    import fid
-    torch.save(fid.FIDInception(with_fc=False).state_dict(), files / "inception.pth")
-    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    np.savez(files / "samples.npz", arr_0=images)
-    (files / "samples_truncated.npz").write_bytes((files / "samples.npz").read_bytes()[:400])
-    np.savez(files / "floats.npz", arr_0=images.astype(np.float32))
-    np.savez(files / "stats_8.npz", mu=np.zeros(8), sigma=np.eye(8))  # stats of any width: no Inception pass
-    np.savez(files / "stats_nan.npz", mu=np.full(8, np.nan), sigma=np.eye(8))
-    np.savez(files / "stats_64.npz", mu=np.zeros(64), sigma=np.eye(64))
-    np.savez(files / "sigma_only.npz", sigma=np.eye(4))
-    (files / "one" / "x").mkdir(parents=True)
-    write_png(files / "one" / "x" / "a.png", 0)
-    return files
-
-
-@pytest.mark.parametrize("args, pattern", [
-    (["--no_such_option=1"], "unknown option --no_such_option"),
-    (["--batch_size=big"], "--batch_size='big' is not a valid int"),
-    (["--samples={f}/samples.npz", "--reference="], "pass --samples=PATH and --reference=PATH"),
-    (["--samples={f}/nope"], "input .*nope' does not exist"),
-    (["--samples={f}/empty"], "holds 0 images; FID needs at least 2"),
-    (["--samples={f}/one"], "holds 1 images; FID needs at least 2"),
-    (["--samples={f}/mixed"], "c.png is not a readable image"),
-    (["--samples={f}/samples_truncated.npz"], "samples_truncated.npz is not a readable .npz"),
-    (["--samples={f}/floats.npz"], "arr_0 must be uint8"),
-    (["--samples={f}/vavae.pt"], "neither a folder of images nor an .npz file"),
-    (["--reference={f}/stats_nan.npz"], "statistics contain NaN"),
-    (["--reference={f}/stats_64.npz"], "feature dimensions do not match"),
-    (["--reference={f}/sigma_only.npz"], "needs mu and sigma"),
-    (["--inception_weights={f}/nope.pth"], "Inception weights .*nope.pth do not exist"),
-    (["--inception_weights={f}/vavae.pt"], "is not an FID Inception-v3 state dict"),
-    (["--inception_weights={f}/truncated.pt"], "truncated.pt is not a readable state dict"),
-    (["--out_json={f}/vavae.pt/metrics.json"], "could not write .*metrics.json"),
-    (["--reconstruct_with={f}/vavae.pt", "--samples={f}/images"], "only --reconstruct_with=VAVAE.pt"),
-    (["--reconstruct_with={f}/nope.pt", "--reference=", "--samples={f}/images"], "checkpoint .*nope.pt does not exist"),
-    (["--reconstruct_with={f}/dit.pt", "--reference=", "--samples={f}/images"], "dit.pt has no autoencoder weights"),
-    (["--reconstruct_with={f}/vavae.pt", "--reference=", "--samples={f}/samples.npz"],
-     "--reconstruct_with needs --samples to be a folder of images"),
-    (["--reconstruct_with={f}/vavae.pt", "--reference=", "--samples={f}/corrupt"], r"0.png is not a readable image"),
-    (["--reconstruct_with={f}/vavae.pt", "--reference=", "--samples={f}/images", "--lpips_weights={f}/nope.pth"],
-     "LPIPS weights .* not exist"),
-])
-def test_fid(fid_files, tmp_path, args, pattern):
-    out = fresh_out_dir(tmp_path)
-    (out / "metrics.json").write_text("{}")
-    args = [a.format(f=fid_files) for a in args]
-    base = [f"--inception_weights={fid_files}/inception.pth", f"--samples={fid_files}/stats_8.npz",
-            f"--reference={fid_files}/stats_8.npz", f"--out_json={out}/metrics.json", "--image_size=64"]
-    expect_clear_error(lambda: run_script("fid.py", [*base, *args]), out, pattern)
-
-
-# -----------------------------------------------------------------------------
-# bench.py (it writes no files: the out_dir check only confirms it stays away from them)
-
-BENCH_TINY = ["--depth=1", "--hidden_size=32", "--num_heads=2", "--latent_size=2", "--latent_channels=4",
-              "--batch_size=2", "--warmup=0", "--iters=1", "--vae_ch=32", "--image_size=32", "--vae_batch_size=1",
-              "--vf_model=vit_tiny_patch16_224", "--vf_image_size=32", "--inception_batch_size=1"]
-
-
-@pytest.mark.parametrize("args, pattern", [
-    (["--no_such_option=1"], "unknown option --no_such_option"),
-    (["--iters=ten"], "--iters='ten' is not a valid int"),
-    (["--peak_flops=[1]"], "--peak_flops expects float"),
-    (["{f}/nope.py"], "config file .*nope.py does not exist"),
-    (["--parts=train,fid"], "--parts=train,fid names unknown parts"),
-    (["--iters=0"], "iters must be positive"),
-    (["--batch_size=0"], "batch_size must be positive"),
-    (["--parts=train", "--model_name=LightningDiT-Q/3"], "unknown model 'LightningDiT-Q/3'"),
-    (["--parts=vavae", "--vae_ch=48"], "--vae_ch \\(48\\) must be a multiple of 32"),
-    (["--parts=vavae", "--image_size=40"], "--image_size \\(40\\) a multiple of 16"),
-    (["--parts=vavae", "--vf_model=vit_no_such_model"], "unknown foundation model 'vit_no_such_model'"),
-    (["--parts=vavae", "--vf_image_size=64"], "token grid"),
-    (["--parts=inception", "--inception_weights={f}/nope.pth"], "Inception weights .*nope.pth do not exist"),
-    (["--parts=inception", "--inception_weights={f}/vavae.pt"], "not an FID Inception-v3 state dict"),
-    (["--parts=", "--official_repo={f}/missing"], "--official_repo=.*missing is not a checkout of hustvl/LightningDiT"),
-])
-def test_bench(files, tmp_path, args, pattern):
-    out = fresh_out_dir(tmp_path)
-    args = [a.format(f=files) for a in args]
-    expect_clear_error(lambda: run_script("bench.py", [*BENCH_TINY, *args]), out, pattern)

@@ -1,4 +1,5 @@
-"""bench.py: its arithmetic on hand-computed numbers, a tiny run of every part, and the side-by-side option."""
+"""bench.py: its arithmetic on hand-computed numbers, a tiny run of every part, the side-by-side option, bad inputs;
+config/gpu_check.sh in its tiny mode."""
 import importlib.util
 import os
 import re
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from conftest import ROOT
+from test_bad_inputs import expect_clear_error, files, fresh_out_dir, run_script  # noqa: F401 -- files: a fixture
 
-MIRROR = os.path.join(ROOT, "..", ".mirror", "hustvl+LightningDiT", "repo")
+OFFICIAL = os.path.join(ROOT, ".official")  # the release's models/, exported as BENCHMARKS.md shows (not in git)
 TINY = ["--depth=2", "--hidden_size=64", "--num_heads=2", "--latent_size=8", "--latent_channels=4", "--batch_size=4",
         "--warmup=1", "--iters=2"]
 
@@ -69,17 +71,101 @@ def test_unknown_part_is_a_clear_error(monkeypatch):
         runpy.run_path(os.path.join(ROOT, "bench.py"))
 
 
-def test_official_side_by_side_agrees_on_the_same_weights(tmp_path):
-    if not os.path.isdir(MIRROR):
-        pytest.skip(f"official mirror {MIRROR} not found")
+def test_official_side_by_side_agrees_on_the_same_weights():
+    if not os.path.isfile(os.path.join(OFFICIAL, "models", "lightningdit.py")):
+        pytest.skip(f"the release's models/ are not in {OFFICIAL} (BENCHMARKS.md shows how to export them)")
     if importlib.util.find_spec("einops") is None:
         pytest.skip("einops (imported by the official models/) is not installed")
-    archive = subprocess.run(["git", "-C", MIRROR, "archive", "HEAD", "models"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
-    code, out = run_bench(*TINY, "--parts=", f"--official_repo={tmp_path}", env={"TORCHDYNAMO_DISABLE": "1"})
+    code, out = run_bench(*TINY, "--parts=", f"--official_repo={OFFICIAL}", env={"TORCHDYNAMO_DISABLE": "1"})
     assert code == 0, out
     match = re.search(r"ours ([\d.]+) ms, official ([\d.]+) ms, official / ours = ([\d.]+); "
                       r"max \|output difference\| (\S+) \(max \|output\| ([\d.]+)\)", out)
     assert match, out
     assert float(match[4]) <= 1e-5 and float(match[5]) > 0.1  # same outputs, and not the zero-init output
     assert "dit train step" not in out  # --parts= runs only the comparison
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one clear error line, out_dir untouched (fixtures and helpers in test_bad_inputs.py)
+
+BENCH_TINY = ["--depth=1", "--hidden_size=32", "--num_heads=2", "--latent_size=2", "--latent_channels=4",
+              "--batch_size=2", "--warmup=0", "--iters=1", "--vae_ch=32", "--image_size=32", "--vae_batch_size=1",
+              "--vf_model=vit_tiny_patch16_224", "--vf_image_size=32", "--inception_batch_size=1"]
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--no_such_option=1"], "unknown option --no_such_option"),
+    (["--iters=ten"], "--iters='ten' is not a valid int"),
+    (["--peak_flops=[1]"], "--peak_flops expects float"),
+    (["{f}/nope.py"], "config file .*nope.py does not exist"),
+    (["--parts=train,fid"], "--parts=train,fid names unknown parts"),
+    (["--iters=0"], "--iters=0 is not allowed: it must be >= 1$"),
+    (["--batch_size=0"], "--batch_size=0 is not allowed: it must be >= 1$"),
+    (["--num_steps=1"], "--num_steps=1 is not allowed: it must be >= 2$"),
+    (["--cfg_interval_start=1.5"], r"--cfg_interval_start=1.5 is not allowed: it must be in \[0, 1\]$"),
+    (["--compile=yes"], "--compile='yes' is not allowed: it must be one of True, False, None$"),
+    (["--parts=train", "--model_name=LightningDiT-Q/3"], "unknown model 'LightningDiT-Q/3'"),
+    (["--parts=vavae", "--vae_ch=48"], "--vae_ch \\(48\\) must be a multiple of 32"),
+    (["--parts=vavae", "--image_size=40"], "--image_size \\(40\\) a multiple of 16"),
+    (["--parts=vavae", "--vf_model=vit_no_such_model"], "unknown foundation model 'vit_no_such_model'"),
+    (["--parts=vavae", "--vf_image_size=64"], "token grid"),
+    (["--parts=inception", "--inception_weights={f}/nope.pth"], "Inception weights .*nope.pth do not exist"),
+    (["--parts=inception", "--inception_weights={f}/vavae.pt"], "not an FID Inception-v3 state dict"),
+    (["--parts=", "--official_repo={f}/missing"],
+     "--official_repo=.*missing is not a checkout of hustvl/LightningDiT .*export the release's models/ folder"),
+])
+def test_bench(files, tmp_path, args, pattern):
+    out = fresh_out_dir(tmp_path)
+    args = [a.format(f=files) for a in args]
+    expect_clear_error(lambda: run_script("bench.py", [*BENCH_TINY, *args]), out, pattern)
+
+
+# -----------------------------------------------------------------------------
+# config/gpu_check.sh: proven on the CPU before any GPU time is spent on it
+
+STEPS = ("tests", "train", "official", "sample", "vavae", "inception", "loop")
+
+
+def gpu_check(out, **env):
+    env = {**os.environ, "GPU_CHECK_TINY": "1", "PYTHON": sys.executable, "OUT": str(out), **env}
+    result = subprocess.run(["sh", "config/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    return result.returncode, result.stdout + result.stderr, (out / "summary.txt").read_text()
+
+
+def status(step, ran):
+    """A step's status in summary.txt: the official step is skipped where the release's models/ are not exported."""
+    if step == "official" and not os.path.isfile(os.path.join(OFFICIAL, "models", "lightningdit.py")):
+        return "skipped (no .official)"
+    return ran
+
+
+def summary_line(step, ran):
+    return re.compile(rf"^{step} +{re.escape(status(step, ran))} +\d+ s$", re.M)
+
+
+def test_gpu_check_tiny_mode_passes_every_step_and_leaves_its_logs(tmp_path):
+    code, out, summary = gpu_check(tmp_path)
+    assert code == 0, out[-6000:]
+    assert all(summary_line(step, "ok").search(summary) for step in STEPS), summary
+    assert "0 of 7 steps failed" in summary
+    # what comes back from the device: at most 8 files, none in folders
+    assert sorted(os.listdir(tmp_path)) == sorted([f"{step}.log" for step in STEPS] + ["summary.txt"])
+    for name, lines in (("train.log", 2), ("sample.log", 8), ("vavae.log", 3), ("inception.log", 1)):
+        assert len(re.findall(r"images/s", (tmp_path / name).read_text())) == lines, name
+    assert "1 passed" in (tmp_path / "tests.log").read_text()
+    loop = (tmp_path / "loop.log").read_text()
+    assert "ok: the second run resumed at step 2" in loop and "ok: sample grids at steps 2 and 4" in loop
+    assert "dit train step (B=4)" in summary and "250-step Euler, skipping" in summary  # results gathered
+
+
+@pytest.mark.parametrize("env, ran", [({"GPU_CHECK_SECONDS": "0"}, "out of time"),  # every command refused
+                                      ({"PYTHON": "false"}, "failed (exit 1)")])  # every command fails
+def test_gpu_check_goes_on_after_failures_and_says_so(tmp_path, env, ran):
+    code, out, summary = gpu_check(tmp_path, **env)
+    assert code == 1, out[-6000:]
+    assert all(summary_line(step, ran).search(summary) for step in STEPS), summary
+    failed = [step for step in STEPS if status(step, ran) == ran]
+    assert f"{len(failed)} of 7 steps failed" in summary
+    for step in failed:  # each step tried its commands, whatever happened to the steps before
+        assert "$ " in (tmp_path / f"{step}.log").read_text(), step

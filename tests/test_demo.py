@@ -11,16 +11,15 @@ import sys
 import numpy as np
 from PIL import Image
 
+from config.runtime import read_settings
 from conftest import ASSETS, ROOT
 
 README = open(os.path.join(ROOT, "README.md")).read()
 
 
 def script_options(script):
-    """The settings of a script: its top-level constant assignments before `configure(globals())`."""
-    tree = ast.parse(open(os.path.join(ROOT, script)).read())
-    return {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
-            if isinstance(target, ast.Name) and target.id.islower()}
+    """The settings of a script (its constants block, as --help lists them), and --help itself."""
+    return set(read_settings(os.path.join(ROOT, script))[0]) | {"help"}
 
 
 def readme_commands():
@@ -35,9 +34,22 @@ def test_ci_runs_the_readme_test_command():
     assert ci in readme_commands()
 
 
-def test_readme_commands_use_real_scripts_configs_and_options():
+SCRIPTS = ["train_dit.py", "train_vavae.py", "prepare.py", "sample.py", "fid.py", "bench.py"]
+
+
+def docstring_commands():
+    """Every command line of the scripts' docstrings (lines naming python or torchrun), continuation lines joined."""
+    commands = []
+    for script in SCRIPTS:
+        doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, script)).read())) or ""
+        commands += [line.split("#")[0].strip() for line in doc.replace("\\\n", " ").splitlines()
+                     if re.match(r"\s*(\S+=\S+ )*(python|torchrun)", line)]
+    return commands
+
+
+def test_readme_and_docstring_commands_use_real_scripts_configs_and_options():
     checked = 0
-    for command in readme_commands():
+    for command in readme_commands() + docstring_commands():
         words = shlex.split(command.replace("$RANK", "0").replace("$HOST", "h"))
         scripts = [w for w in words if w.endswith(".py") and "/" not in w and os.path.exists(os.path.join(ROOT, w))]
         for script in scripts:
@@ -50,7 +62,8 @@ def test_readme_commands_use_real_scripts_configs_and_options():
                     checked += 1
                 elif arg.endswith(".py"):
                     assert os.path.exists(os.path.join(ROOT, arg)), f"README: {arg} does not exist"
-    assert checked >= 25  # the parse found the commands
+    assert checked >= 60  # the parse found the commands
+    assert len(docstring_commands()) >= 12
 
 
 def test_demo_pipeline_runs_end_to_end(tmp_path):
@@ -75,3 +88,16 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
         assert 0 < json.load(open(out / "fid.json"))["fid"] < 1000
     else:
         assert "FID skipped" in result.stdout
+
+
+def test_every_script_has_help_read_from_its_constants_block():
+    for script, flag in zip(SCRIPTS, ["-h"] + ["--help"] * len(SCRIPTS)):
+        result = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0 and not result.stderr.strip(), (script, result.stderr[-2000:])
+        settings = read_settings(os.path.join(ROOT, script))[0]
+        lines = [line for line in result.stdout.splitlines() if line.startswith("  --")]
+        assert [line.split("=")[0].strip() for line in lines] == [f"--{k}" for k in settings], script
+        for name, (default, rule, comment) in settings.items():  # each line: default, rule, comment
+            line = next(line for line in result.stdout.splitlines() if line.startswith(f"  --{name}="))
+            assert line.startswith(f"  --{name}={default}") and rule in result.stdout and comment in result.stdout

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from conftest import ASSETS, GOLDEN, ROOT
+from config.runtime import adm_center_crop
+from test_bad_inputs import expect_clear_error, files, fresh_out_dir, run_script, write_png  # noqa: F401
 import fid
 
 WEIGHTS = os.path.join(ASSETS, "pt_inception-2015-12-05.pth")
@@ -233,11 +235,13 @@ def test_evaluate_combines_what_the_inputs_have():
     ref = {"mu": np.zeros(1), "sigma": np.eye(1), "pool": real}
     sample = {"mu": np.ones(1), "sigma": 4 * np.eye(1), "mu_s": np.zeros(2), "sigma_s": np.eye(2), "pool": fake,
               "logits": np.array([[math.log(3), 0.0], [0.0, math.log(3)]])}
-    metrics = fid.evaluate(sample, ref)
+    metrics, why = fid.evaluate(sample, ref)
     assert metrics["fid"] == pytest.approx(1 + (2 - 1) ** 2) and metrics["sfid"] is None  # ref has no mu_s
+    assert why == {"sfid": "both inputs need spatial statistics: images, or mu_s and sigma_s",
+                   "class_accuracy": "the samples have no labels: arr_1, or a subfolder per class"}
     assert metrics["inception_score"] == pytest.approx(1.5 ** 0.75 * 0.5 ** 0.25, rel=1e-12)
     assert (metrics["precision"], metrics["recall"]) == (0.8, 1.0)  # k = 3, as test_precision_recall_hand_computed
-    assert fid.evaluate({**sample, "pool": fake[:3]}, ref)["precision"] is None  # 3 images: too few for k = 3
+    assert fid.evaluate({**sample, "pool": fake[:3]}, ref)[0]["precision"] is None  # 3 images: too few for k = 3
 
 
 def test_pairwise_distances_fall_back_to_float32_on_overflow():
@@ -292,33 +296,44 @@ def test_ssim_hand_computed():
 
 # --- inputs, CLI and errors ---------------------------------------------------------------------------------
 
-def test_cli_stats_then_metrics_match_torch_fidelity(tmp_path, monkeypatch):
-    # reference: a folder of PNGs (golden images 0, 1) -> stats file; samples: an ADM .npz (images 2, 3)
+def fid_cli(*args):
+    run_script("fid.py", [f"--inception_weights={WEIGHTS}", *args])
+
+
+def needs_weights():
     if not os.path.exists(WEIGHTS):
         pytest.skip(f"Inception weights {WEIGHTS} not found")
+
+
+def test_cli_stats_then_metrics_match_torch_fidelity(tmp_path, capsys):
+    # reference: a folder of PNGs (golden images 0, 1) -> stats file; samples: an ADM .npz (images 2, 3)
+    needs_weights()
     images = golden_images()
     folder = tmp_path / "ref"
     (folder / "class_a").mkdir(parents=True)
     for i in range(2):
         Image.fromarray(images[i]).save(folder / "class_a" / f"{i}.png")
     np.savez(tmp_path / "samples.npz", arr_0=images[2:])
-
-    def cli(*args):
-        monkeypatch.setattr(sys, "argv", ["fid.py", f"--inception_weights={WEIGHTS}", "--batch_size=1", *args])
-        runpy.run_path(os.path.join(ROOT, "fid.py"), run_name="__main__")
-
-    cli(f"--samples={folder}", f"--save_stats={tmp_path / 'ref_stats.npz'}")
+    fid_cli(f"--samples={folder}", f"--save_stats={tmp_path / 'ref_stats.npz'}", "--batch_size=1")
     with np.load(tmp_path / "ref_stats.npz") as stats:
-        assert sorted(stats.files) == ["mu", "mu_s", "pool", "sigma", "sigma_s"]
+        assert sorted(stats.files) == ["mu", "mu_s", "pool", "sigma", "sigma_s"]  # one class folder: no labels
         assert stats["sigma"].shape == (2048, 2048) and stats["sigma_s"].shape == (2023, 2023)
         np.testing.assert_allclose(stats["pool"][:, :6], POOL_FIRST6[:2], atol=2e-6)
-    cli(f"--samples={tmp_path / 'samples.npz'}", f"--reference={tmp_path / 'ref_stats.npz'}",
-        f"--out_json={tmp_path / 'metrics.json'}")
+    fid_cli(f"--samples={tmp_path / 'samples.npz'}", f"--reference={tmp_path / 'ref_stats.npz'}",
+            f"--out_json={tmp_path / 'metrics.json'}", "--batch_size=1")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["fid"] == pytest.approx(FID_01_VS_23, rel=1e-6)
     assert metrics["sfid"] == pytest.approx(SFID_01_VS_23, rel=1e-6)
-    # no fc in the shared weights: no IS; 2 images are too few for 3 neighbours
+    # no fc in the shared weights: no IS; 2 images are too few for 3 neighbours; unlabelled samples
     assert metrics["inception_score"] is None and metrics["precision"] is None and metrics["num_samples"] == 2
+    assert metrics["not_computed"] == {
+        "inception_score": "these Inception weights have no fc layer",
+        "precision": "both inputs need the pool_3 features of more than 3 images",
+        "recall": "both inputs need the pool_3 features of more than 3 images",
+        "class_accuracy": "the samples have no labels: arr_1, or a subfolder per class"}
+    out = capsys.readouterr().out
+    assert "IS n/a" not in out and "inception_score n/a (these Inception weights have no fc layer)" in out
+    assert "ref (rank 0 of 1): 1/2 images," in out and "images/s" in out and " left" in out  # progress, 1st batch
 
 
 def test_cli_needs_samples_and_reference(monkeypatch):
@@ -328,11 +343,110 @@ def test_cli_needs_samples_and_reference(monkeypatch):
 
 def test_npz_images_are_streamed_in_slices(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (5, 4, 3, 3), dtype=np.uint8)
-    np.savez(tmp_path / "s.npz", arr_0=x)
-    n, batches = fid.image_source(str(tmp_path / "s.npz"))
-    assert n == 5
-    got = list(batches(1, 5, 3))
+    np.savez(tmp_path / "s.npz", arr_0=x, arr_1=np.arange(5))
+    source = fid.open_input(str(tmp_path / "s.npz"))
+    assert source["n"] == 5 and source["stats"]["labels"].tolist() == [0, 1, 2, 3, 4]
+    got = list(source["batches"](1, 5, 3))
     assert [len(b) for b in got] == [3, 1] and np.array_equal(np.concatenate(got), x[1:])
+
+
+class PixelFeatures(torch.nn.Module):
+    """A stand-in for the Inception network: the first 4 pixel values are the 'features'."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images):
+        x = images.flatten(1)[:, :4].float()
+        return x, x, None
+
+
+def test_folders_read_every_format_and_crop_other_sizes(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    pixels = {name: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+              for name, (w, h) in {"a.png": (16, 16), "b.webp": (16, 16), "c.bmp": (16, 16), "d.tif": (40, 24),
+                                   "e.jpg": (20, 33), "f.ppm": (16, 16)}.items()}
+    for name, array in pixels.items():
+        Image.fromarray(array).save(tmp_path / name, **({"lossless": True} if name.endswith("webp") else {}))
+    source = fid.open_input(str(tmp_path), size=16)
+    assert source["n"] == 6 and "labels" not in source["stats"]  # no class subfolders: unlabelled
+    got = np.concatenate(list(source["batches"](0, 6, 4)))
+    for i, name in enumerate(sorted(pixels)):
+        image = Image.open(tmp_path / name).convert("RGB")
+        want = np.asarray(image if image.size == (16, 16) else adm_center_crop(image, 16))
+        assert np.array_equal(got[i], want), name
+    assert np.array_equal(got[0], pixels["a.png"]) and np.array_equal(got[2], pixels["c.bmp"])  # as they are
+    assert source["cropped"] == 2
+    features = fid.read_input(fid.open_input(str(tmp_path), size=16), PixelFeatures(), 0, 1, "cpu")
+    np.testing.assert_array_equal(features["pool"], got.reshape(6, -1)[:, :4])
+    out = capsys.readouterr().out
+    assert out.count("were not 16x16") == 1 and f"2 of 6 images of {tmp_path} were not 16x16" in out
+
+
+def test_sixteen_bit_pngs_read_as_their_eight_bit_copies(tmp_path):
+    # before the shared reader, 16-bit greyscale PNGs were clipped to near-white: FID 327 against these copies
+    needs_weights()
+    gray = np.random.default_rng(0).integers(0, 256, (3, 64, 64)).astype(np.uint8)
+    for i, g in enumerate(gray):
+        (tmp_path / "16").mkdir(exist_ok=True), (tmp_path / "8").mkdir(exist_ok=True)
+        Image.fromarray(g.astype(np.uint16) * 257).save(tmp_path / "16" / f"{i}.png")
+        Image.fromarray(g).save(tmp_path / "8" / f"{i}.png")
+    assert Image.open(tmp_path / "16" / "0.png").mode.startswith("I")  # really 16-bit on disk
+    fid_cli(f"--samples={tmp_path / '16'}", f"--reference={tmp_path / '8'}", "--image_size=64",
+            f"--out_json={tmp_path / 'm.json'}")
+    assert abs(json.loads((tmp_path / "m.json").read_text())["fid"]) < 1e-3
+
+
+def test_class_accuracy_hand_computed():
+    # classes 0: {0, 0.5}, 1: {3, 3.5}, 2: {10}; k = 5: every sample has two votes for class 0 and two for class 1,
+    # weighted 1.05, 1.04, ..., 1.01 from the nearest on. 1.6: 0.5 (1.1), 3 (1.4), 0 (1.6), 3.5 (1.9): class 0 by
+    # 2.08 to 2.06; 1.9: 3 (1.1), 0.5 (1.4), 3.5 (1.6), 0 (1.9): class 1; 9.0: 10, 3.5, 3, 0.5, 0: class 1 by 2.07
+    # to 2.03; 0.1: class 0. Plain counts with the first class on ties would say 0, 0, 0, 0.
+    ref, labels = np.array([[0.0], [0.5], [3.0], [3.5], [10.0]]), np.array([0, 0, 1, 1, 2])
+    samples = np.array([[1.6], [1.9], [9.0], [0.1]])
+    assert fid.class_accuracy(ref, labels, samples, np.array([0, 1, 1, 0])) == 1.0
+    assert fid.class_accuracy(ref, labels, samples, np.array([0, 1, 2, 0])) == 0.75
+    assert fid.class_accuracy(ref, labels, samples, np.array([0, 1, 2, 0]), k=1) == 1.0  # 9.0 is nearest to 10
+    assert fid.class_accuracy(ref, labels, samples, np.array([1, 0, 0, 1])) == 0.0
+
+
+def test_evaluate_says_why_class_accuracy_is_missing():
+    base = {"mu": np.zeros(1), "sigma": np.eye(1), "pool": np.arange(6.0)[:, None]}
+    labelled = dict(base, labels=np.array([0, 0, 0, 1, 1, 1]))
+    assert fid.evaluate(labelled, labelled)[0]["class_accuracy"] == 1.0
+    for sample, ref, reason in [(base, labelled, "the samples have no labels"),
+                                (labelled, base, "the reference has no labels"),
+                                (labelled, dict(labelled, labels=np.zeros(6, int)), "some sample labels are no class"),
+                                (labelled, dict(labelled, pool=labelled["pool"][:4], labels=labelled["labels"][:4]),
+                                 "the reference has fewer than 5 images")]:
+        metrics, why = fid.evaluate(sample, ref)
+        assert metrics["class_accuracy"] is None and why["class_accuracy"].startswith(reason), why
+
+
+def test_class_accuracy_of_labelled_images_and_of_shuffled_labels(tmp_path):
+    """The reference: a labelled demo folder (4 classes of 6 images); the samples: the same images in an ADM .npz
+    with their labels in arr_1. Their own image is among the 5 neighbours: ~100%; labels shuffled: chance (25%)."""
+    needs_weights()
+    import prepare
+    folder = prepare.make_demo_dataset(str(tmp_path / "ref"), num_classes=4, images_per_class=6, size=64)
+    fid_cli(f"--samples={folder}", f"--save_stats={tmp_path / 'ref.npz'}", "--image_size=64")
+    files = fid.open_input(folder)["files"]
+    labels = np.array([int(os.path.basename(os.path.dirname(f))[:2]) for f in files])  # classes 00_..., 03_...
+    np.savez(tmp_path / "samples.npz", arr_0=np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]),
+             arr_1=labels)
+    fid_cli(f"--samples={tmp_path / 'samples.npz'}", f"--reference={tmp_path / 'ref.npz'}",
+            f"--out_json={tmp_path / 'm.json'}")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    with np.load(tmp_path / "ref.npz") as ref:
+        assert ref["labels"].tolist() == labels.tolist()  # the folder's classes, saved with the stats
+        pool = ref["pool"]
+    print(f"class accuracy of the labelled images themselves: {metrics['class_accuracy']:.3f}")
+    assert metrics["class_accuracy"] >= 0.95 and abs(metrics["fid"]) < 1e-3
+    shuffled = [fid.class_accuracy(pool, labels, pool, np.random.default_rng(seed).permutation(labels))
+                for seed in range(20)]
+    print(f"with shuffled labels: mean {np.mean(shuffled):.3f} over 20 shuffles")
+    assert 0.1 < np.mean(shuffled) < 0.4
 
 
 def expect_error(fn, *words):
@@ -348,11 +462,7 @@ def test_errors_for_bad_images(tmp_path):
     expect_error(lambda: fid.inception_features(model, np.zeros((2, 3, 8, 8), np.uint8)), "N x H x W x 3")
     expect_error(lambda: fid.psnr(np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 5, 3), np.uint8)), "differ")
     np.savez(tmp_path / "floats.npz", arr_0=np.zeros((3, 8, 8, 3), np.float32))
-    expect_error(lambda: fid.image_source(str(tmp_path / "floats.npz")), "uint8", "float32")
-    (tmp_path / "mixed").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
-    Image.new("RGB", (9, 8)).save(tmp_path / "mixed" / "b.jpg")
-    expect_error(lambda: list(fid.image_source(str(tmp_path / "mixed"))[1](0, 2, 2)), "b.jpg", "one size")
+    expect_error(lambda: fid.open_input(str(tmp_path / "floats.npz")), "uint8", "float32")
     (tmp_path / "one").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
     expect_error(lambda: fid.read_input(str(tmp_path / "one"), model, 0, 1, "cpu"), "at least 2")
@@ -373,7 +483,7 @@ def test_errors_for_bad_statistics_and_inputs(tmp_path):
     expect_error(lambda: fid.read_input(str(tmp_path / "missing.npz"), None, 0, 1, "cpu"), "does not exist")
     (tmp_path / "image.png").write_bytes(b"")
     expect_error(lambda: fid.read_input(str(tmp_path / "image.png"), None, 0, 1, "cpu"), "neither a folder")
-    np.savez(tmp_path / "stats.npz", mu=np.zeros(2), sigma=np.eye(2))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     stats = fid.read_input(str(tmp_path / "stats.npz"), None, 0, 1, "cpu")
     assert sorted(stats) == ["mu", "sigma"]
 
@@ -386,7 +496,7 @@ def test_errors_for_missing_or_wrong_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     expect_error(lambda: fid.load_inception(None), "--inception_weights", fid.inception_url)
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    expect_error(lambda: fid.load_inception(str(tmp_path / "text.pth")), "not a readable state dict")
+    expect_error(lambda: fid.load_inception(str(tmp_path / "text.pth")), "not a readable checkpoint")
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     expect_error(lambda: fid.load_inception(str(tmp_path / "wrong.pth")), "not an FID Inception")
 
@@ -436,6 +546,8 @@ def test_reconstruction_metrics_match_a_direct_computation(tmp_path, monkeypatch
     assert metrics["lpips"] == pytest.approx(want_lpips, rel=1e-5)
     assert 0 < metrics["ssim"] < 0.5 and metrics["rfid"] > 10  # an untrained autoencoder reconstructs nothing
     assert metrics["num_images"] == 5 and metrics["reconstruct_with"] == str(tmp_path / "ae.pt")
+    grid = np.asarray(Image.open(tmp_path / "ae.reconstructions.png"))  # next to ae.json: crops over reconstructions
+    assert np.array_equal(grid, np.concatenate([np.concatenate(list(images), 1) for images in (a, b)]))
 
     class Identity(torch.nn.Module):
         def encode(self, x):
@@ -448,3 +560,106 @@ def test_reconstruction_metrics_match_a_direct_computation(tmp_path, monkeypatch
                   f"--lpips_weights={tmp_path / 'lpips.pth'}", "--batch_size=2")
     assert abs(metrics["rfid"]) < 1e-3 and metrics["psnr"] == math.inf  # round-off of rank-4 covariances in 2048-d
     assert metrics["ssim"] == pytest.approx(1.0, abs=1e-12) and metrics["lpips"] == 0.0
+    grid = np.asarray(Image.open(tmp_path / "identity.reconstructions.png"))
+    assert grid.shape == (64, 5 * 32, 3) and np.array_equal(grid[:32], grid[32:])
+    assert np.array_equal(grid[:32, :32], a[0])
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one clear error line, out_dir untouched (fixtures and helpers in test_bad_inputs.py)
+
+@pytest.fixture(scope="module")
+def fid_files(files):
+    """An untrained FID Inception weights file (same shapes as the real one, no download), ADM .npz files (good and
+    broken), stats files (good and broken)."""
+    torch.save(fid.FIDInception(with_fc=False).state_dict(), files / "inception.pth")
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.savez(files / "samples.npz", arr_0=images)
+    (files / "samples_truncated.npz").write_bytes((files / "samples.npz").read_bytes()[:400])
+    (files / "zero_bytes.npz").write_bytes(b"")
+    np.savez(files / "floats.npz", arr_0=images.astype(np.float32))
+    np.savez(files / "fortran.npz", arr_0=np.asfortranarray(images))
+    for name, labels in [("labels_short", np.arange(3)), ("labels_float", np.zeros(4)),
+                         ("labels_neg", -np.ones(4, int))]:
+        np.savez(files / f"{name}.npz", arr_0=images, arr_1=labels)
+    np.savez(files / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(files / "stats_nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    np.savez(files / "stats_8.npz", mu=np.zeros(8), sigma=np.eye(8))  # not Inception's width
+    np.savez(files / "stats_int.npz", mu=np.zeros(2048, int), sigma=np.eye(2048))
+    np.savez(files / "sigma_only.npz", sigma=np.eye(4))
+    np.savez(files / "half.npz", mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023))
+    (files / "folder.npz").mkdir()
+    (files / "one" / "x").mkdir(parents=True)
+    write_png(files / "one" / "x" / "a.png", 0)
+    return files
+
+
+NET = "--inception_weights={f}/inception.pth"  # the cases that get as far as the network; the others keep the base
+RECON = ["--reference=", "--samples={f}/images"]
+IMAGES = "--samples={f}/samples.npz"  # samples that need the network: a bad reference must stop it loading
+
+
+@pytest.mark.parametrize("args, pattern", [
+    # settings and their rules
+    (["--no_such_option=1"], "unknown option --no_such_option"),
+    (["--batch_size=big"], "--batch_size='big' is not a valid int"),
+    (["--batch_size=0"], "--batch_size=0 is not allowed: it must be >= 1"),
+    (["--batch_size=-5"], "--batch_size=-5 is not allowed: it must be >= 1"),
+    (["--image_size=0"], "--image_size=0 is not allowed: it must be >= 1"),
+    (["--seed=-1"], "--seed=-1 is not allowed: it must be >= 0"),
+    (["--timeout_minutes=0"], "--timeout_minutes=0 is not allowed: it must be > 0"),
+    (["--allow_unsafe_checkpoint=1"], "--allow_unsafe_checkpoint expects bool"),
+    # what to do: options that contradict or do nothing
+    (["--reference="], "pass --samples=PATH and --reference=PATH"),
+    (["--save_stats={f}/new.npz"], "--save_stats writes the statistics of --samples .* ignore --reference"),
+    (["--save_stats={f}/new.txt", "--reference="], "--save_stats=.*new.txt must end in .npz"),
+    (["--lpips_weights={f}/vavae.pt"], "--lpips_weights is used only with --reconstruct_with"),
+    (["--reconstruct_with={f}/vavae.pt", "--samples={f}/images"], "--reconstruct_with compares .* drop --reference"),
+    # outputs: checked first, written atomically
+    (["--save_stats={f}/no_folder/s.npz", "--reference="], "could not write .*s.npz: its folder does not exist"),
+    (["--out_json={f}/vavae.pt/metrics.json"], "could not write .*metrics.json: its folder does not exist"),
+    (["--save_stats={f}/folder.npz", "--reference="], r"could not write .*folder.npz \(Is a directory"),
+    # inputs: existence, kind, enough images, .npz headers, stats keys, shapes and values
+    (["--samples={f}/nope"], "input .*nope' does not exist"),
+    ([IMAGES, "--reference={f}/nope.npz"], "input .*nope.npz' does not exist"),
+    (["--samples={f}/images", "--reference={f}/samples_truncated.npz"], "samples_truncated.npz is not a readable"),
+    (["--samples={f}/vavae.pt"], "neither a folder of images nor an .npz file"),
+    (["--samples={f}/empty"], "empty holds 0 images .*FID needs at least 2"),
+    (["--samples={f}/one"], "one holds 1 images .*FID needs at least 2"),
+    ([NET, "--samples={f}/mixed"], "c.png is not a readable image .*replace it"),
+    (["--samples={f}/samples_truncated.npz"], "samples_truncated.npz is not a readable .npz .*write it again"),
+    (["--samples={f}/zero_bytes.npz"], "zero_bytes.npz is not a readable .npz .*write it again"),
+    (["--samples={f}/floats.npz"], "arr_0 must be uint8 N x H x W x 3 .*got float32"),
+    (["--samples={f}/fortran.npz"], "arr_0 is stored in Fortran order"),
+    (["--samples={f}/labels_short.npz"], r"arr_1 is int64 \(3,\), it must be integers >= 0 of shape \(4,\)"),
+    (["--samples={f}/labels_float.npz"], r"arr_1 is float64 \(4,\), it must be integers >= 0"),
+    (["--samples={f}/labels_neg.npz"], r"arr_1 is int64 \(4,\), it must be integers >= 0"),
+    ([IMAGES, "--reference={f}/stats_nan.npz"], r"stats_nan.npz: mu is float64 \(2048,\), it must be finite floats"),
+    ([IMAGES, "--reference={f}/stats_8.npz"], r"stats_8.npz: mu is float64 \(8,\), it must be .* shape \(2048,\)"),
+    ([IMAGES, "--reference={f}/stats_int.npz"], r"stats_int.npz: mu is int64 \(2048,\), it must be finite floats"),
+    ([IMAGES, "--reference={f}/sigma_only.npz"], "needs mu and sigma"),
+    ([IMAGES, "--reference={f}/half.npz"], "needs mu and sigma .*mu_s with sigma_s"),
+    # Inception weights: only loaded once every input passed
+    (["--samples={f}/samples.npz"], "truncated.pt is not a readable checkpoint"),
+    (["--samples={f}/samples.npz", "--inception_weights={f}/nope.pth"], "Inception weights .*nope.pth do not exist"),
+    (["--samples={f}/samples.npz", "--inception_weights={f}/vavae.pt"], "vavae.pt is not an FID Inception-v3 state"),
+    (["--samples={f}/samples.npz", "--inception_weights={f}/tensor.pt"], "tensor.pt is not an FID Inception-v3 st"),
+    (["--samples={f}/samples.npz", "--inception_weights={f}/pickled.pt"], "pickled.pt holds pickled Python objects"),
+    # a tokenizer's reconstructions: its files are loaded before the network
+    ([*RECON, "--reconstruct_with={f}/nope.pt"], "checkpoint .*nope.pt does not exist"),
+    ([*RECON, "--reconstruct_with={f}/dit.pt"], "dit.pt has no autoencoder weights"),
+    ([*RECON, "--reconstruct_with={f}/vavae.pt", "--samples={f}/samples.npz"],
+     "--reconstruct_with needs --samples to be a folder of images"),
+    ([*RECON, "--reconstruct_with={f}/vavae.pt", "--lpips_weights={f}/nope.pth"], "LPIPS weights .* not exist"),
+    ([*RECON, "--reconstruct_with={f}/vavae.pt"], "truncated.pt is not a readable checkpoint"),
+    ([*RECON, NET, "--reconstruct_with={f}/vavae.pt", "--samples={f}/corrupt"], r"0.png is not a readable image"),
+])
+def test_fid(fid_files, tmp_path, args, pattern):
+    """Every input is checked before the Inception network loads: the base weights are a broken file, so a case
+    that loaded them too early would stop with another message."""
+    out = fresh_out_dir(tmp_path)
+    (out / "metrics.json").write_text("{}")
+    args = [a.format(f=fid_files, out=out) for a in args]
+    base = [f"--inception_weights={fid_files}/truncated.pt", f"--samples={fid_files}/stats.npz",
+            f"--reference={fid_files}/stats.npz", f"--out_json={out}/metrics.json", "--image_size=64"]
+    expect_clear_error(lambda: run_script("fid.py", [*base, *args]), out, pattern)

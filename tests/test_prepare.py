@@ -1,4 +1,5 @@
-"""prepare.py: ADM crops of awkward images, folder scanning, the demo dataset, and the latent shards."""
+"""prepare.py: ADM crops of awkward images (the shared reader in config/runtime.py), folder scanning, the demo dataset,
+the latent shards, clear errors."""
 import hashlib
 import importlib
 import os
@@ -11,7 +12,9 @@ from safetensors import safe_open
 
 import prepare
 import vavae
+from config.runtime import adm_center_crop, load_rgb
 from conftest import torchrun
+from test_bad_inputs import KW64_MISMATCH, expect_clear_error, files, fresh_out_dir, isolated  # noqa: F401
 
 
 # -----------------------------------------------------------------------------
@@ -63,7 +66,7 @@ def test_crop_matches_reference(tmp_path, mode, width, height, size):
     path = str(tmp_path / ("x.jpg" if mode == "CMYK" else "x.png"))
     odd_image(mode, width, height).save(path)
     assert Image.open(path).mode == mode
-    got = np.asarray(prepare.adm_center_crop(prepare.load_rgb(path), size))
+    got = np.asarray(adm_center_crop(load_rgb(path), size))
     want = reference_crop(path, size)
     assert got.shape == want.shape == (size, size, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, want)
@@ -75,9 +78,9 @@ def test_crop_geometry_by_hand():
     image = Image.fromarray(ramp).convert("RGB")
     halved = image.resize((350, 150), Image.BOX).resize((175, 75), Image.BOX)
     expected = np.asarray(halved.resize((149, 64), Image.BICUBIC))[:, 42:106]
-    np.testing.assert_array_equal(np.asarray(prepare.adm_center_crop(image, 64)), expected)
+    np.testing.assert_array_equal(np.asarray(adm_center_crop(image, 64)), expected)
     tiny = Image.new("RGB", (20, 30))  # upscaled: 64 x round(30*3.2)=96, crop from y=16
-    assert prepare.adm_center_crop(tiny, 64).size == (64, 64)
+    assert adm_center_crop(tiny, 64).size == (64, 64)
 
 
 def test_load_rgb_rejects_broken_files(tmp_path):
@@ -87,7 +90,7 @@ def test_load_rgb_rejects_broken_files(tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     for name in ("cut.jpg", "text.png"):
         with pytest.raises(Exception):
-            prepare.load_rgb(str(tmp_path / name))
+            load_rgb(str(tmp_path / name))
 
 
 # -----------------------------------------------------------------------------
@@ -107,6 +110,18 @@ def test_scan_keeps_class_indices(tmp_path, capsys):
                    ("d_fish/sub/y.png", 3)]  # ImageFolder's order; the empty class keeps label 2
     out = capsys.readouterr().out
     assert "'c_empty' (label 2) has no images" in out and "ignored 1 files" in out
+
+
+def test_scan_reads_a_folder_reached_through_a_link_loop_once(tmp_path):
+    os.makedirs(tmp_path / "a" / "sub")
+    for path in ("a/0.png", "a/1.png", "a/sub/2.png", "a/sub/3.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / path)
+    os.symlink(tmp_path / "a", tmp_path / "a" / "sub" / "loop")  # a/sub/loop/sub/loop/...
+    files, classes = prepare.scan_image_folder(str(tmp_path))
+    assert classes == ["a"]
+    # 4 images, not one copy per trip around the loop (164 before: until the system refuses the path)
+    assert [(os.path.relpath(p, tmp_path), y) for p, y in files] == [("a/0.png", 0), ("a/1.png", 0),
+                                                                      ("a/sub/2.png", 0), ("a/sub/3.png", 0)]
 
 
 def test_scan_errors(tmp_path):
@@ -162,8 +177,8 @@ def save_tiny_autoencoder(path):
 
 
 def run_prepare(args):
-    module = importlib.reload(prepare)  # fresh module constants for every run
-    module.main(args)
+    with isolated():
+        importlib.reload(prepare).main(args)  # fresh module constants for every run
 
 
 def read_shards(folder):
@@ -171,7 +186,7 @@ def read_shards(folder):
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(folder, name), framework="pt") as f:
-                shards[name] = ({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+                shards[name] = ({k: f.get_tensor(k).clone() for k in f.keys()}, f.metadata())  # not a view of the file
     return shards
 
 
@@ -210,7 +225,7 @@ def test_shards_stats_bad_files_and_resume(tmp_path, capsys):
     # image 7 (class 1, first of shard 1) by hand: crop, encode, noise from a generator seeded with seed + 7
     files, _ = prepare.scan_image_folder(str(data))
     assert files[7][0].endswith("01_green_square/0001.png")
-    u8 = torch.from_numpy(np.array(prepare.adm_center_crop(prepare.load_rgb(files[7][0]), 64)))[None]
+    u8 = torch.from_numpy(np.array(adm_center_crop(load_rgb(files[7][0]), 64)))[None]
     x = vavae.uint8_to_images(u8)
     ae = vavae.load_autoencoder(str(ae_path))
     noise = torch.randn(2, 32, 4, 4, generator=torch.Generator().manual_seed(5 + 7))
@@ -228,19 +243,25 @@ def test_shards_stats_bad_files_and_resume(tmp_path, capsys):
     torch.testing.assert_close(stats["mean"], latents.mean(dim=(0, 2, 3), keepdim=True), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(stats["std"], latents.std(dim=(0, 2, 3), keepdim=True), atol=1e-6, rtol=1e-5)
 
-    # crash: shard 1 missing, a half-written temporary file left; the rerun redoes only shard 1, bit for bit
+    # crash: shard 1 missing, half-written temporary files left, shard 2 cut short (a bad copy); the rerun removes the
+    # temporary files and redoes shards 1 and 2 only, bit for bit
     names = list(shards)
-    before = {n: os.stat(out / n).st_mtime_ns for n in names}
+    before = os.stat(out / names[0]).st_mtime_ns
     os.remove(out / names[1])
-    (out / (names[1] + ".tmp999")).write_bytes(b"half")
+    (out / f".{names[1]}.tmp999").write_bytes(b"half")
+    (out / ".latents_stats.pt.tmp998").write_bytes(b"half")
+    (out / names[2]).write_bytes((out / names[2]).read_bytes()[:-100])
     run_prepare(args)
-    assert "skipped 2 unreadable image(s)" in capsys.readouterr().out  # still listed: read from the shards
+    log = capsys.readouterr().out
+    assert "skipped 2 unreadable image(s)" in log  # still listed: read from the shards
+    assert "removed 2 temporary file(s)" in log and f"{names[2]} is damaged" in log and f"{names[0]} is" not in log
     assert sorted(os.listdir(out)) == sorted(names + ["latents_stats.pt", "prepare.json"])
-    assert os.stat(out / names[0]).st_mtime_ns == before[names[0]]
-    assert os.stat(out / names[2]).st_mtime_ns == before[names[2]]
-    again = read_shards(out)[names[1]][0]
-    for key in ("latents", "latents_flip", "labels"):
-        assert torch.equal(again[key], shards[names[1]][0][key])
+    assert os.stat(out / names[0]).st_mtime_ns == before
+    again = read_shards(out)
+    for name in names:  # (not byte for byte: safetensors orders the metadata keys differently on each save)
+        assert again[name][1] == shards[name][1]
+        for key in ("latents", "latents_flip", "labels"):
+            assert torch.equal(again[name][0][key], shards[name][0][key])
 
     with pytest.raises(SystemExit, match=r"holds shards made with other settings \(seed differ"):
         run_prepare(args + ["--seed=6"])
@@ -272,3 +293,70 @@ def test_two_ranks_write_the_same_latents(tmp_path, one_thread):
         assert torch.equal(torch.cat([t[key] for t in in_order]), torch.cat([t[key] for t, _ in one.values()]))
     assert torch.equal(torch.load(tmp_path / "one" / "latents_stats.pt")["std"],
                        torch.load(tmp_path / "two" / "latents_stats.pt")["std"])
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one clear error line, out_dir untouched (fixtures and helpers in test_bad_inputs.py)
+
+def other_settings_shards(out):
+    (out / "prepare.json").write_text('{"seed": 1}')
+    (out / "latents_rank00_shard000.safetensors").write_bytes(b"an earlier run's shard")
+
+
+def shards_without_manifest(out):
+    (out / "latents_rank00_shard000.safetensors").write_bytes(b"a shard from somewhere")
+
+
+def shards_with_unreadable_manifest(out):
+    (out / "prepare.json").write_text('{"seed": 1, ')
+    (out / "latents_rank00_shard000.safetensors").write_bytes(b"an earlier run's shard")
+
+
+@pytest.mark.parametrize("args, setup, pattern", [
+    (["--no_such_option=1"], None, "unknown option --no_such_option"),
+    (["--image_size=big"], None, "--image_size='big' is not a valid int"),
+    (["--seed=1.5"], None, "--seed expects int"),
+    (["{f}/nope.py"], None, "config file .*nope.py does not exist"),
+    (["--image_size=0"], None, r"--image_size=0 is not allowed: it must be in \[16, 4096\]"),
+    (["--image_size=100000"], None, r"--image_size=100000 is not allowed: it must be in \[16, 4096\]"),
+    (["--image_size=40"], None, r"--image_size=40 must be a multiple of 16 \(the autoencoder's downsampling\)"),
+    (["--shard_size=0"], None, "--shard_size=0 is not allowed: it must be >= 1"),
+    (["--batch_size=0"], None, "--batch_size=0 is not allowed: it must be >= 1"),
+    (["--num_workers=-1"], None, "--num_workers=-1 is not allowed: it must be >= 0"),
+    (["--seed=-1"], None, r"--seed=-1 is not allowed: it must be in \[0, 1e18\]"),
+    (["--timeout_minutes=0"], None, "--timeout_minutes=0.0 is not allowed: it must be > 0"),
+    (["--allow_unsafe_checkpoint=None"], None, "--allow_unsafe_checkpoint=None is not allowed: it must be one of "
+                                               "True, False"),
+    (["--vavae_path={f}/nope.pt"], None, "VA-VAE checkpoint .*nope.pt does not exist"),
+    (["--vavae_path={f}/truncated.pt"], None, "truncated.pt is not a readable checkpoint"),
+    (["--vavae_path={f}/dit.pt"], None, "dit.pt has no autoencoder weights"),
+    (["--vavae_path={f}/tensor.pt"], None, "tensor.pt holds a Tensor"),
+    (["--vavae_path={f}/vavae_kw64.pt"], None, KW64_MISMATCH),
+    (["--vavae_path={f}/pickled.pt"], None, "pickled Python objects"),
+    (["--vavae_path={f}/vavae_nan.pt"], None, "vavae_nan.pt gives non-finite latents"),
+    (["--data_dir={f}/missing"], None, "data folder .*missing does not exist"),
+    (["--data_dir={f}/vavae.pt"], None, r"data folder .*vavae.pt is a file \(expected one subfolder per class\)"),
+    (["--data_dir={f}/mixed"], None, "has no class subfolders"),
+    (["--data_dir={f}/empty"], None, r"no images found under .*empty \(image files end in .jpg .jpeg .png"),
+    (["--data_dir={f}/corrupt"], None, r"none of the 4 images of shard 0 could be read, e.g. .*0.png"),
+    ([], other_settings_shards, "holds shards made with other settings"),
+    ([], shards_without_manifest, r"holds shards but .*prepare.json is missing or unreadable \(.*No such file"),
+    ([], shards_with_unreadable_manifest, r"prepare.json is missing or unreadable \(Expecting"),
+    (["--out_dir={f}/vavae.pt/latents"], None, "could not create out_dir .*vavae.pt/latents: Not a directory"),
+    (["--make_demo={f}/vavae.pt/demo"], None,
+     "could not create make_demo .*vavae.pt/demo: Not a directory; choose another --make_demo"),
+    (["--make_demo={out}"], None, r"--make_demo=.*out is not empty \(it holds earlier_result.txt\); choose a new"),
+    (["--make_demo={tmp}/demo", "--demo_classes=11"], None, r"--demo_classes=11 is not allowed: it must be in \[1, 10"),
+    (["--make_demo={tmp}/demo", "--demo_classes=0"], None, r"--demo_classes=0 is not allowed: it must be in \[1, 10"),
+    (["--make_demo={tmp}/demo", "--demo_images_per_class=0"], None, "--demo_images_per_class=0 is not allowed"),
+    (["--make_demo={tmp}/demo", "--demo_image_size=4"], None, r"--demo_image_size=4 is not allowed: it must be in \["),
+])
+def test_prepare(files, tmp_path, args, setup, pattern):
+    out = fresh_out_dir(tmp_path)
+    if setup:
+        setup(out)
+    args = [a.format(f=files, out=out, tmp=tmp_path) for a in args]
+    expect_clear_error(lambda: run_prepare([f"--data_dir={files}/images", f"--vavae_path={files}/vavae.pt",
+                                            f"--out_dir={out}", "--image_size=64", "--num_workers=0", *args]),
+                       out, pattern)
+    assert not os.path.exists(out / "latents_stats.pt") and not os.path.exists(tmp_path / "demo")

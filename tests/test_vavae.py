@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import GOLDEN
 
 import vavae
+from config.runtime import load_latent_stats
 
 
 @pytest.fixture(scope="module")
@@ -156,17 +157,17 @@ def test_uint8_round_trip_and_latent_stats(tmp_path):
 
     stats = {"mean": torch.arange(4.0), "std": torch.full((1, 4, 1, 1), 2.0, dtype=torch.float64)}
     torch.save(stats, tmp_path / "s.pt")
-    mean, std = vavae.load_latent_stats(str(tmp_path / "s.pt"))
+    mean, std = load_latent_stats(str(tmp_path / "s.pt"))
     assert mean.shape == std.shape == (1, 4, 1, 1) and mean.dtype == std.dtype == torch.float32
     z = torch.randn(2, 4, 3, 3)
     torch.testing.assert_close(vavae.normalize_latents(z, mean, std), (z - mean) / 2)
     torch.testing.assert_close(vavae.denormalize_latents(vavae.normalize_latents(z, mean, std), mean, std), z)
     torch.save({"mean": torch.zeros(4)}, tmp_path / "bad.pt")
-    with pytest.raises(SystemExit, match="'mean' and 'std'"):
-        vavae.load_latent_stats(str(tmp_path / "bad.pt"))
+    with pytest.raises(SystemExit, match="lacks std"):
+        load_latent_stats(str(tmp_path / "bad.pt"))
     torch.save({"mean": torch.zeros(4), "std": torch.zeros(4)}, tmp_path / "zero.pt")
     with pytest.raises(SystemExit, match="positive"):
-        vavae.load_latent_stats(str(tmp_path / "zero.pt"))
+        load_latent_stats(str(tmp_path / "zero.pt"))
 
 
 def test_foundation_model_grid_resize_and_local_weights(tmp_path):
