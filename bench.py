@@ -24,7 +24,7 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from config.runtime import configure, fail
+from config.runtime import compile_and_autocast, configure, fail
 from dit import create_dit, dit_args_from_state_dict, guided_velocity, rectified_flow_loss, sample_timesteps, time_grid
 
 # what to time
@@ -140,12 +140,9 @@ def load_official(repo):
 # setup
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-use_compile = device.type == "cuda" if compile is None else compile
-use_bf16 = device.type == "cuda" if bf16 is None else bf16
-autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+use_compile, autocast = compile_and_autocast(device, compile, bf16)
 if device.type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the scripts run
     name = torch.cuda.get_device_name(device)
     peak_flops = peak_flops or next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
 else:
@@ -162,7 +159,8 @@ if "vavae" in selected and (vae_ch % 32 or image_size % 16):
     fail(f"--vae_ch ({vae_ch}) must be a multiple of 32 (GroupNorm has 32 groups) and --image_size ({image_size}) "
          "a multiple of 16")
 peak = f"peak {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else "peak unknown (no MFU)"
-print(f"device: {name}; torch {torch.__version__}; bf16 autocast {use_bf16}; compile {use_compile}; {peak}")
+print(f"device: {name}; torch {torch.__version__}; bf16 autocast {not isinstance(autocast, nullcontext)}; "
+      f"compile {use_compile}; {peak}")
 print("config:", config)
 torch.manual_seed(seed)
 

@@ -21,7 +21,6 @@ The metrics go to a JSON file: one the inputs cannot give is null, and `not_comp
 import json
 import math
 import os
-import time
 import zipfile
 
 import numpy as np
@@ -29,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config.runtime import (IMAGE_EXTENSIONS, adm_center_crop, configure, fail, format_duration, list_images,
-                            load_checkpoint, load_rgb, save_png, setup_distributed, write_atomically)
+from config.runtime import (IMAGE_EXTENSIONS, adm_center_crop, configure, fail, list_images, load_checkpoint, load_rgb,
+                            progress_printer, save_png, setup_distributed, write_atomically)
 
 # inputs and outputs
 samples = ""            # path; folder of images, ADM .npz (arr_0, labels arr_1) or stats .npz
@@ -491,21 +490,6 @@ def open_input(path, size=None):
     if "batches" in source and source["n"] < 2:
         fail(f"{path} holds {source['n']} images ({' '.join(IMAGE_EXTENSIONS)}); FID needs at least 2")
     return source
-
-
-def progress_printer(name, total):
-    """A function to call with each batch's size: prints images done, images/s and time left, every 10 s."""
-    start, last, done = time.time(), 0.0, 0
-
-    def update(n):
-        nonlocal last, done
-        done, now = done + n, time.time()
-        if now - last >= 10 or done == total:
-            rate = done / max(now - start, 1e-9)
-            print(f"{name}: {done}/{total} images, {rate:.1f} images/s, {format_duration((total - done) / rate)} left",
-                  flush=True)
-            last = now
-    return update
 
 
 def gather_rows(x, world_size, device):

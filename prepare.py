@@ -21,7 +21,6 @@ is encoded again).
 import json
 import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from config.runtime import (IMAGE_EXTENSIONS, adm_center_crop, configure, fail, load_rgb, prepare_out_dir,
-                            save_checkpoint, save_png, setup_distributed, write_atomically)
+                            progress_printer, save_checkpoint, save_png, setup_distributed, write_atomically)
 from vavae import load_autoencoder, uint8_to_images
 
 # data
@@ -271,9 +270,6 @@ def main(argv=None):
         return
 
     rank, world_size, device = setup_distributed(timeout_minutes)
-    if device.type == "cuda":  # the release extracts with TF32 matmuls and convolutions
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     if not os.path.exists(vavae_path):
         fail(f"VA-VAE checkpoint {vavae_path} does not exist (train one with train_vavae.py or download the released "
              "vavae-imagenet256-f16d32-dinov2.pt)")
@@ -302,17 +298,7 @@ def main(argv=None):
     if rank == 0:
         print(f"latents of shape {tuple(latent_shape)}; {num_shards} shard(s) of up to {shard_size} images, "
               f"{len(range(0, num_shards, world_size)) - len(mine)} of rank 0's already written", flush=True)
-    start, done, last_print = time.time(), 0, 0.0
-
-    def progress(n):
-        nonlocal done, last_print
-        done += n
-        now = time.time()
-        if rank == 0 and (now - last_print > 10 or done == todo):
-            rate = done / (now - start)
-            print(f"rank 0: {done}/{todo} images, {rate * world_size:.1f} images/s on {world_size} rank(s), "
-                  f"{(todo - done) / rate / 60:.1f} min left", flush=True)
-            last_print = now
+    progress = progress_printer(f"rank 0 of {world_size}", todo) if rank == 0 else (lambda n: None)
 
     for k in mine:
         indices = list(range(k * shard_size, min((k + 1) * shard_size, len(files))))

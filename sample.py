@@ -22,7 +22,6 @@ killed run leaves only whole files (the next run removes its temporary ones).
 import collections
 import json
 import os
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from config.runtime import (configure, fail, load_latent_stats, prepare_out_dir, save_png, setup_distributed,
-                            write_atomically)
+from config.runtime import (configure, fail, load_latent_stats, prepare_out_dir, progress_printer, save_png,
+                            setup_distributed, write_atomically)
 from dit import load_dit, sample
 from vavae import denormalize_latents, images_to_uint8, load_autoencoder
 
@@ -149,9 +148,6 @@ def main(argv=None):
              "(latents_stats.pt), the release ships one for ImageNet")
     if rank == 0:  # before the slow part; one rank only, as it removes temporary files (the others wait below)
         prepare_out_dir(out_dir)
-    if device.type == "cuda":  # the release samples in fp32 with TF32 matmuls
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     model = load_dit(dit_path, allow_unsafe_checkpoint).to(device)
     autoencoder = load_autoencoder(vavae_path, allow_unsafe_checkpoint).to(device)
@@ -211,7 +207,7 @@ def main(argv=None):
         todo = sum(len(batch) for batch in mine)
         print(f"rank {rank}: {todo} images to make, {sum(map(len, batches[rank::world_size])) - todo} done before",
               flush=True)
-        start, done = time.time(), 0
+        progress = progress_printer(f"rank 0 of {world_size}", todo) if rank == 0 else (lambda n: None)
         # PNGs are saved on a thread beside the model (PNG encoding and file writes release the GIL), at most two
         # batches behind it; result() hands a write error (its one error line) to this thread
         with ThreadPoolExecutor(1) as png_writer:
@@ -223,11 +219,7 @@ def main(argv=None):
                            if not os.path.exists(png_path(i))]
                 while len(saving) > 2 * batch_size:
                     saving.popleft().result()
-                done += len(batch)
-                if rank == 0:
-                    elapsed = time.time() - start
-                    print(f"rank 0: {done}/{todo} images, {done / elapsed * world_size:.2f} images/s on "
-                          f"{world_size} rank(s), {(todo - done) * elapsed / done / 60:.1f} min left", flush=True)
+                progress(len(batch))
             for future in saving:
                 future.result()
         if world_size > 1:

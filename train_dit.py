@@ -26,15 +26,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config.runtime import (MetricsLog, catch_stop_signals, check_resume, checkpoint_name, configure, fail,
-                            latest_checkpoint, load_checkpoint, load_latent_stats, prepare_out_dir, save_checkpoint,
-                            save_png, setup_distributed, should_stop)
+from config.runtime import (MetricsLog, batch_schedule, catch_stop_signals, check_resume, checkpoint_name,
+                            compile_and_autocast, configure, fail, latest_checkpoint, load_checkpoint, load_latent_stats,
+                            prepare_out_dir, save_checkpoint, save_png, setup_distributed, should_stop)
 from dit import DIT_SIZES, create_dit, load_state_dict_strict, rectified_flow_loss, sample, sample_timesteps
 
 # data
 data_dir = "data/imagenet256_latents"  # path; latent shards + latents_stats.pt
 data_in_memory = False  # True | False; read every shard into RAM at start (else read rows from disk as needed)
-prefetch_batches = 8  # >= 0; micro-batches read ahead by background threads, overlapping the disk with the step
+prefetch_batches = 32  # >= 0; micro-batches read ahead by background threads, overlapping the disk with the step
 num_classes = 1000  # >= 1; class labels 0..num_classes-1 (the null label for guidance is num_classes)
 # model (the released LightningDiT-XL/1 configuration)
 model_name = "LightningDiT-XL/1"  # text; B, L, XL, 1p0B, 1p6B; /1 or /2 is the patch size
@@ -63,7 +63,7 @@ grad_clip = 0.0  # >= 0; clip the gradient norm if > 0 (the release does not)
 ema_decay = 0.9999  # [0, 1)
 nonfinite = "stop"  # stop | skip; on a NaN/inf loss (stop: checked at log steps; skip: costs a device sync per step)
 # system
-seed = 0  # >= 0
+seed = 0  # [0, 1e9]; every random choice derives from it
 out_dir = "out/dit"  # path
 log_every = 100  # >= 1; print a line and append it to out_dir/metrics.jsonl
 ckpt_every = 10000  # >= 1; SIGINT/SIGTERM also save one, at the next step
@@ -181,7 +181,7 @@ def micro_batches(start_step):
     if not prefetch_batches:
         yield from (data.get(*batch) for batch in indices())
         return
-    with ThreadPoolExecutor(min(prefetch_batches, 8)) as pool:
+    with ThreadPoolExecutor(min(prefetch_batches, 16)) as pool:
         pending = collections.deque()
         for batch in indices():
             pending.append(pool.submit(data.get, *batch))
@@ -197,35 +197,17 @@ def micro_batches(start_step):
 rank, world_size, device = setup_distributed(timeout_minutes)
 master = rank == 0
 catch_stop_signals()
-use_compile = device.type == "cuda" if compile is None else compile
-use_bf16 = device.type == "cuda" if bf16 is None else bf16
-autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-if device.type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+use_compile, autocast = compile_and_autocast(device, compile, bf16)
 if master:
     print("config:", config)
 
-if global_batch_size % world_size:
-    fail(f"global_batch_size {global_batch_size} is not divisible by the {world_size} processes")
-per_rank = global_batch_size // world_size
-micro = micro_batch_size or per_rank
-if per_rank % micro:
-    fail(f"micro_batch_size {micro} does not divide the per-process batch {per_rank}")
-accumulation = per_rank // micro
 
 data = LatentShards(data_dir, data_in_memory)
 if int(data.labels.min()) < 0 or int(data.labels.max()) >= num_classes:
     fail(f"labels in {data_dir} span [{int(data.labels.min())}, {int(data.labels.max())}], outside [0, {num_classes}); "
          "set --num_classes")
-steps_per_epoch = len(data) // global_batch_size
-if steps_per_epoch == 0:
-    fail(f"{len(data)} latents in {data_dir} are fewer than one global batch of {global_batch_size}")
-total_steps = epochs * steps_per_epoch
-if max_steps > total_steps:
-    fail(f"--max_steps={max_steps} is past the end of --epochs={epochs} ({total_steps} steps of {global_batch_size}); "
-         "raise --epochs or lower --max_steps")
-total_steps = max_steps or total_steps
+per_rank, micro, accumulation, steps_per_epoch, total_steps = batch_schedule(
+    len(data), f"latents in {data_dir}", global_batch_size, micro_batch_size, world_size, epochs, max_steps)
 if master:
     prepare_out_dir(out_dir)  # writable? now, not at the first checkpoint hours later
 
@@ -342,8 +324,9 @@ if fid_every:
     import fid
     if not fid_reference:
         fail("--fid_every needs --fid_reference (a stats .npz from fid.py --save_stats, or an image folder)")
+    reference = fid.open_input(fid_reference, data.shape[-1] * vae.downsample_factor)  # folders: crop to sample size
     inception = fid.load_inception(inception_weights or None, device)
-    fid_reference_stats = fid.read_input(fid_reference, inception, rank, world_size, device)
+    fid_reference_stats = fid.read_input(reference, inception, rank, world_size, device)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # training loop

@@ -20,16 +20,16 @@ bit for bit without stored generator states.
 import os
 import random
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 
-from config.runtime import (IMAGE_EXTENSIONS, MetricsLog, catch_stop_signals, check_resume, checkpoint_name, configure,
-                            fail, latest_checkpoint, list_images, load_checkpoint, load_rgb, prepare_out_dir,
-                            save_checkpoint, save_png, setup_distributed, should_stop)
+from config.runtime import (IMAGE_EXTENSIONS, MetricsLog, batch_schedule, catch_stop_signals, check_resume,
+                            checkpoint_name, compile_and_autocast, configure, fail, latest_checkpoint, list_images,
+                            load_checkpoint, load_rgb, prepare_out_dir, save_checkpoint, save_png, setup_distributed,
+                            should_stop)
 from vavae import (AutoencoderKL, FoundationModel, LPIPS, NLayerDiscriminator, VFLoss, adaptive_weight, hinge_d_loss,
                    images_to_uint8, load_autoencoder, load_weights)
 
@@ -65,7 +65,7 @@ beta1 = 0.5  # [0, 1)
 beta2 = 0.9  # [0, 1)
 ema_decay = 0.0  # [0, 1); keep an EMA of the autoencoder weights if > 0 (the release keeps none)
 # system
-seed = 0  # >= 0
+seed = 0  # [0, 1e9]; every random choice derives from it
 out_dir = "out/vavae"  # path
 log_every = 50  # >= 1; print a line and append it to out_dir/metrics.jsonl
 image_every = 1000  # >= 0; write a PNG of the same 8 images over their reconstructions every N steps if > 0
@@ -157,22 +157,10 @@ def save_image_grid(step):
 rank, world_size, device = setup_distributed(timeout_minutes)
 master = rank == 0
 catch_stop_signals()
-use_compile = device.type == "cuda" if compile is None else compile
-use_bf16 = device.type == "cuda" if bf16 is None else bf16
-autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-if device.type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+use_compile, autocast = compile_and_autocast(device, compile, bf16)
 if master:
     print("config:", config)
 
-if global_batch_size % world_size:
-    fail(f"global_batch_size {global_batch_size} is not divisible by the {world_size} processes")
-per_rank = global_batch_size // world_size
-micro = micro_batch_size or per_rank
-if per_rank % micro:
-    fail(f"micro_batch_size {micro} does not divide the per-process batch {per_rank}")
-accumulation = per_rank // micro
 if image_size % 16 or ch % 32:
     fail(f"image_size ({image_size}) must be a multiple of 16 and ch ({ch}) of 32 (GroupNorm has 32 groups)")
 
@@ -181,14 +169,8 @@ if not os.path.isdir(data_dir):
 files = list_images(data_dir)
 if not files:
     fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {data_dir}")
-steps_per_epoch = len(files) // global_batch_size
-if steps_per_epoch == 0:
-    fail(f"{len(files)} images in {data_dir} are fewer than one global batch of {global_batch_size}")
-total_steps = epochs * steps_per_epoch
-if max_steps > total_steps:
-    fail(f"--max_steps={max_steps} is past the end of --epochs={epochs} ({total_steps} steps of {global_batch_size}); "
-         "raise --epochs or lower --max_steps")
-total_steps = max_steps or total_steps
+per_rank, micro, accumulation, steps_per_epoch, total_steps = batch_schedule(
+    len(files), f"images in {data_dir}", global_batch_size, micro_batch_size, world_size, epochs, max_steps)
 if master:
     prepare_out_dir(out_dir)  # writable? now, not at the first checkpoint hours later
 

@@ -188,7 +188,8 @@ def setup_distributed(timeout_minutes=10):
     """Start torch.distributed when launched by torchrun (RANK set): NCCL on CUDA, gloo on CPU. A collective that waits
     longer than timeout_minutes (a stuck or lost rank) ends the process with one error line.
 
-    Returns (rank, world_size, device)."""
+    Returns (rank, world_size, device). On CUDA, matmuls and convolutions use TF32, as the release runs them."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -210,7 +211,7 @@ def setup_distributed(timeout_minutes=10):
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
 
     def report_timeout(kind, error, traceback):
-        if isinstance(error, dist.DistError) or "Timed out" in str(error) or "timed out" in str(error):
+        if "timed out" in str(error).lower():  # gloo's and NCCL's words for a collective past its timeout
             print(f"error: rank {rank} waited more than {timeout_minutes:g} min for the other ranks ({kind.__name__}: "
                   f"{str(error).splitlines()[0][:200]}). Another rank is stuck or gone; rerun, and under torchrun "
                   "--max-restarts the job resumes from its last checkpoint by itself", file=sys.stderr, flush=True)
@@ -218,6 +219,31 @@ def setup_distributed(timeout_minutes=10):
             sys.__excepthook__(kind, error, traceback)
     sys.excepthook = report_timeout
     return rank, world_size, device
+
+
+def batch_schedule(num_items, what, global_batch_size, micro_batch_size, world_size, epochs, max_steps):
+    """How a training run splits its work: (per-process batch, micro-batch, micro-batches per step, steps per epoch,
+    the last step)."""
+    if global_batch_size % world_size:
+        fail(f"global_batch_size {global_batch_size} is not divisible by the {world_size} processes")
+    per_rank = global_batch_size // world_size
+    micro = micro_batch_size or per_rank
+    if per_rank % micro:
+        fail(f"micro_batch_size {micro} does not divide the per-process batch {per_rank}")
+    steps_per_epoch = num_items // global_batch_size
+    if steps_per_epoch == 0:
+        fail(f"{num_items} {what} are fewer than one global batch of {global_batch_size}")
+    if max_steps > epochs * steps_per_epoch:
+        fail(f"--max_steps={max_steps} is past the end of --epochs={epochs} ({epochs * steps_per_epoch} steps of "
+             f"{global_batch_size}); raise --epochs or lower --max_steps")
+    return per_rank, micro, per_rank // micro, steps_per_epoch, max_steps or epochs * steps_per_epoch
+
+
+def compile_and_autocast(device, compile, bf16):
+    """(whether to torch.compile, the autocast context) from settings where None means "on CUDA only"."""
+    use_bf16 = device.type == "cuda" if bf16 is None else bf16
+    return (device.type == "cuda" if compile is None else compile), (
+        torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
 
 
 _stop_signal = None
@@ -411,6 +437,21 @@ def save_png(array, path):
 def format_duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress_printer(name, total):
+    """A function to call with each batch's size: prints images done, images/s and time left, every 10 s."""
+    start, last, done = time.time(), 0.0, 0
+
+    def update(n):
+        nonlocal last, done
+        done, now = done + n, time.time()
+        if now - last >= 10 or done == total:
+            rate = done / max(now - start, 1e-9)
+            print(f"{name}: {done}/{total} images, {rate:.1f} images/s, {format_duration((total - done) / rate)} left",
+                  flush=True)
+            last = now
+    return update
 
 
 class MetricsLog:
