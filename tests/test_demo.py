@@ -86,6 +86,10 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     assert os.path.exists(out / "dit" / "samples_00000004.png")
     if "INCEPTION_WEIGHTS" in env:
         assert 0 < json.load(open(out / "fid.json"))["fid"] < 1000
+        results = result.stdout.split("== results (")[1]  # the closing block: time, PSNR, FID, class accuracy
+        assert re.match(r"\d+ s in all\)\nrecon PSNR [0-9.]+ dB \| FID [0-9.]+ \(20 samples\) \| class accuracy "
+                        r"\d+%\n", results), results
+        assert Image.open(out / "recon.reconstructions.png").size == (8 * 64, 2 * 64)  # 8 of 10 images over theirs
     else:
         assert "FID skipped" in result.stdout
 
