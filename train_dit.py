@@ -93,7 +93,7 @@ class LatentShards:
 
     def __init__(self, folder, in_memory):
         if not os.path.isdir(folder):
-            fail(f"data_dir {folder} does not exist; run prepare.py or download the official latents into it")
+            fail(f"data_dir {folder} is not a folder; run prepare.py, or download the official latents into one")
         files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
         if not files:
             fail(f"data_dir {folder} holds no .safetensors shards; run prepare.py to write them")

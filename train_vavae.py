@@ -165,7 +165,7 @@ if image_size % 16 or ch % 32:
     fail(f"image_size ({image_size}) must be a multiple of 16 and ch ({ch}) of 32 (GroupNorm has 32 groups)")
 
 if not os.path.isdir(data_dir):
-    fail(f"data_dir {data_dir} does not exist (expected an ImageNet-layout folder: {data_dir}/<class>/<image>)")
+    fail(f"data_dir {data_dir} is not a folder (expected an ImageNet-layout folder: {data_dir}/<class>/<image>)")
 files = list_images(data_dir)
 if not files:
     fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {data_dir}")

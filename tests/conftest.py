@@ -35,7 +35,8 @@ def torchrun(*args, timeout=240, env=None):
     """python -m torch.distributed.run --standalone <args>, one thread per rank, in ROOT. On a timeout the whole process
     group is killed (subprocess.run would kill only the launcher and leave its ranks running)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # the multi-rank tests run on gloo even on a one-GPU machine (a test that wants CUDA passes CUDA_VISIBLE_DEVICES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:

@@ -131,7 +131,7 @@ def vavae_checkpoint_of_ch64(out):
     (["--epochs=2.5"], None, "--epochs expects int"),
     (["--lr"], None, "--lr needs a value"),
     (["config/no_such_file.py"], None, "config file config/no_such_file.py does not exist"),
-    (["--data_dir={f}/missing"], None, "data_dir .*missing does not exist"),
+    (["--data_dir={f}/missing"], None, "data_dir .*missing is not a folder"),
     (["--data_dir={f}/empty"], None, "no images .* under .*empty"),
     (["--data_dir={f}/corrupt"], None, r"none of the 4 images of step 0 \(rank 0\) could be decoded"),
     (["--global_batch_size=0"], None, "--global_batch_size=0 is not allowed: it must be >= 1"),

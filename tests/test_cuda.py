@@ -67,7 +67,8 @@ def test_bf16_compiled_training_with_fused_adamw_follows_fp32_eager(data, tmp_pa
 
 def test_one_rank_under_torchrun_uses_nccl(data, tmp_path):
     result = torchrun("--nproc_per_node=1", os.path.join(ROOT, "train_dit.py"), *TINY, f"--data_dir={data}",
-                      f"--out_dir={tmp_path}", "--epochs=1", "--compile=False", env={"NCCL_DEBUG": "VERSION"})
+                      f"--out_dir={tmp_path}", "--epochs=1", "--compile=False",
+                      env={"NCCL_DEBUG": "VERSION", "CUDA_VISIBLE_DEVICES": "0"})
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert "NCCL version" in output, output[-6000:]  # the process group is NCCL's, initialised on the rank's GPU

@@ -160,7 +160,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(data, tmp_path):
 
 def test_sigterm_under_torchrun_stops_every_rank_at_one_step(data, tmp_path):
     common = [os.path.join(ROOT, "train_dit.py"), *RUN, f"--data_dir={data}", "--epochs=10", "--log_every=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo, also on a one-GPU machine
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     victim = subprocess.Popen([*launcher, *common, f"--out_dir={tmp_path / 'stopped'}"], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -185,8 +185,8 @@ def test_a_stuck_rank_ends_the_job_after_the_collective_timeout(data, tmp_path):
     victim = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                os.path.join(ROOT, "train_dit.py"), *RUN, f"--data_dir={data}", "--epochs=100",
                                "--log_every=1", "--timeout_minutes=0.1", f"--out_dir={tmp_path}"], cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_log_lines(tmp_path, 3, victim)
         ranks = subprocess.run(["pgrep", "-P", str(victim.pid)], capture_output=True, text=True).stdout.split()

@@ -180,7 +180,7 @@ STATS = dict(mean=torch.zeros(1, 32, 1, 1), std=torch.ones(1, 32, 1, 1))
 
 
 @pytest.mark.parametrize("setup, args, message", [
-    (None, [], "data_dir .* does not exist"),
+    (None, [], "data_dir .* is not a folder; run prepare.py"),
     (data_only(os.makedirs), [], "holds no .safetensors shards"),
     (lambda f, o: (write_latents(f), os.remove(os.path.join(f, "latents_stats.pt"))), [], "latents_stats.pt is missing"),
     (data_only(bad_shards), [], r"holds latents of shape \[32, 8, 8\], others \[32, 4, 4\]"),

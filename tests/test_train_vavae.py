@@ -151,7 +151,7 @@ def test_bad_options_give_clear_errors(tmp_path):
     make_images(data, 4)
     (tmp_path / "empty" / "class0").mkdir(parents=True)
     base = [*TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"]
-    cases = [([f"--data_dir={tmp_path / 'missing'}"], "does not exist"),
+    cases = [([f"--data_dir={tmp_path / 'missing'}"], "is not a folder"),
              ([f"--data_dir={tmp_path / 'empty'}"], "no images"),
              (["--global_batch_size=8"], "fewer than one global batch"),
              (["--micro_batch_size=3"], "does not divide"),
@@ -166,6 +166,6 @@ def test_bad_options_give_clear_errors(tmp_path):
         with pytest.raises(SystemExit, match=message):
             run_train([*base, *extra])
     for stage in (1, 2, 3):  # the schedule files only set known keys
-        with pytest.raises(SystemExit, match="does not exist"):
+        with pytest.raises(SystemExit, match="is not a folder"):
             run_train([os.path.join(ROOT, "config", f"vavae_stage{stage}.py"), f"--data_dir={tmp_path / 'missing'}"])
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
