@@ -247,11 +247,13 @@ if resume_path:
         print(f"resumed from {resume_path} at step {step}")
 else:
     if init_from:  # weights only: a new run from step 0 with a fresh optimizer
-        checkpoint = load_checkpoint(init_from, allow_unsafe_checkpoint, need=(init_weights,),
-                                     hint=f" (--init_weights={init_weights}; the other choice is "
-                                          f"{'model' if init_weights == 'ema' else 'ema'})")
-        load_state_dict_strict(raw_model, {k.removeprefix("module.").removeprefix("_orig_mod."): v
-                                           for k, v in checkpoint[init_weights].items()}, init_from)
+        checkpoint = load_checkpoint(init_from, allow_unsafe_checkpoint)
+        bare = isinstance(checkpoint, dict) and "x_embedder.proj.weight" in checkpoint  # a bare state dict
+        if not bare and not (isinstance(checkpoint, dict) and isinstance(checkpoint.get(init_weights), dict)):
+            fail(f"{init_from} holds no {init_weights} weights (--init_weights={init_weights}; the other choice is "
+                 f"{'model' if init_weights == 'ema' else 'ema'})")
+        load_state_dict_strict(raw_model, {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in
+                                           (checkpoint if bare else checkpoint[init_weights]).items()}, init_from)
         del checkpoint
         if master:
             print(f"initialised from the {init_weights} weights of {init_from}")

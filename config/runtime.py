@@ -118,6 +118,8 @@ def parse_value(key, text, default):
         if not isinstance(default, str) and default is not None:
             fail(f"--{key}={text!r} is not a valid {type(default).__name__}")
         value = text  # bare words for string options: --model_name=LightningDiT-B/1, --compile=flase (refused later)
+    if isinstance(default, str) and not isinstance(value, str):
+        value = text  # a string setting takes the text as typed: --out_dir=2024 is the folder "2024"
     return check_type(key, value, default)
 
 
@@ -252,7 +254,8 @@ _stop_announced = False
 
 def catch_stop_signals():
     """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption) no longer kill the process: should_stop() reports them."""
-    main_pid = os.getpid()
+    global _stop_signal, _stop_announced
+    main_pid, _stop_signal, _stop_announced = os.getpid(), None, False
 
     def request_stop(number, frame):
         global _stop_signal

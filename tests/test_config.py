@@ -40,9 +40,9 @@ def test_overrides_parse_literals_types_and_config_files(tmp_path):
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text("lr = 1e-4\nepochs = 3\nimport math\n")
     cfg = configure(g, [str(cfg_file), "--epochs", "5", "--model=LightningDiT-B/1", "--compile=False", "--lr=1",
-                        "--labels=[3, 4]", "--ckpt=out/x.pt"])
+                        "--labels=[3, 4]", "--ckpt=2024"])
     assert cfg == {"lr": 1.0, "epochs": 5, "decay": 0.9, "compile": False, "mode": "stop", "model": "LightningDiT-B/1",
-                   "labels": (3, 4), "seeds": (0, 1), "ckpt": "out/x.pt"}
+                   "labels": (3, 4), "seeds": (0, 1), "ckpt": "2024"}
     assert g["epochs"] == 5 and isinstance(g["lr"], float)
 
 

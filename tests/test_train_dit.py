@@ -216,6 +216,8 @@ STATS = dict(mean=torch.zeros(1, 32, 1, 1), std=torch.ones(1, 32, 1, 1))
     (data_only(write_latents), ["--timeout_minutes=0"], "--timeout_minutes=0.0 is not allowed"),
     (data_only(write_latents), ["--init_weights=best"], "--init_weights='best' is not allowed: it must be one of ema"),
     (data_only(write_latents), ["--init_from=/no/such/file.pt"], "checkpoint /no/such/file.pt does not exist"),
+    (lambda f, o: (write_latents(f), torch.save({"model": {}}, os.path.join(f, "m.pt"))),
+     ["--init_from={f}/m.pt"], r"m.pt holds no ema weights \(--init_weights=ema; the other choice is model\)"),
     (data_only(write_latents), ["--model_name=LightningDiT-Q/3"], "unknown model 'LightningDiT-Q/3'"),
     (vavae_checkpoint_in_out_dir, [], "step_00000004.pt lacks model, ema, optimizer, config: it is not a train_dit.py checkpoint"),
 ])
@@ -224,6 +226,7 @@ def test_bad_input_is_a_clear_error(tmp_path, setup, args, message):
     folder, out = str(tmp_path / "data"), fresh_out_dir(tmp_path)
     if setup:
         setup(folder, str(out))
+    args = [a.format(f=folder) for a in args]
     expect_clear_error(lambda: train(f"--data_dir={folder}", f"--out_dir={out}", *args), out, message)
 
 
@@ -332,8 +335,10 @@ def test_init_from_fine_tunes_from_a_release_checkpoint(data, tmp_path, capsys):
     common = [f"--data_dir={data}", "--epochs=1", "--max_steps=1", "--lr=1e-30", "--allow_unsafe_checkpoint=True"]
     train(*common, f"--out_dir={tmp_path / 'ema'}", f"--init_from={tmp_path / 'release'}")
     train(*common, f"--out_dir={tmp_path / 'model'}", f"--init_from={tmp_path / 'release'}", "--init_weights=model")
+    torch.save(ema, tmp_path / "bare.pt")  # a state dict alone
+    train(*common, f"--out_dir={tmp_path / 'bare'}", f"--init_from={tmp_path / 'bare.pt'}")
     assert "initialised from the ema weights of" in capsys.readouterr().out
-    for run, expected in (("ema", ema), ("model", weights)):
+    for run, expected in (("ema", ema), ("model", weights), ("bare", ema)):
         checkpoint = torch.load(tmp_path / run / "step_00000001.pt", weights_only=True)
         assert checkpoint["step"] == 1 and len(checkpoint["optimizer"]["state"]) > 0  # a new run with a new optimizer
         for name, value in expected.items():  # lr 1e-30 moves nothing: the weights are the initial ones
