@@ -398,6 +398,23 @@ def test_sixteen_bit_pngs_read_as_their_eight_bit_copies(tmp_path):
     assert abs(json.loads((tmp_path / "m.json").read_text())["fid"]) < 1e-3
 
 
+def test_a_folder_of_odd_sized_photos_scores_against_an_adm_npz(tmp_path, capsys):
+    """The reference recipe: photos of any size, ADM-center-cropped to image_size, against an ADM sample batch."""
+    needs_weights()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(90, 64), (64, 130), (200, 150), (71, 64), (64, 64), (128, 96)]):
+        (tmp_path / "photos" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"class{i % 2}"
+                                                                             / f"{i}.jpg")
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8),
+             arr_1=np.arange(6) % 2)
+    fid_cli(f"--samples={tmp_path / 'samples.npz'}", f"--reference={tmp_path / 'photos'}", "--image_size=64",
+            f"--out_json={tmp_path / 'm.json'}")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert 0 < metrics["fid"] < 1000 and metrics["num_reference"] == 6 and 0 <= metrics["class_accuracy"] <= 1
+    assert f"5 of 6 images of {tmp_path / 'photos'} were not 64x64: ADM-center-cropped" in capsys.readouterr().out
+
+
 def test_class_accuracy_hand_computed():
     # classes 0: {0, 0.5}, 1: {3, 3.5}, 2: {10}; k = 5: every sample has two votes for class 0 and two for class 1,
     # weighted 1.05, 1.04, ..., 1.01 from the nearest on. 1.6: 0.5 (1.1), 3 (1.4), 0 (1.6), 3.5 (1.9): class 0 by
