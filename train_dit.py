@@ -356,8 +356,8 @@ while step < total_steps and not stop:
         step_losses += torch.stack([mse.mean(), cos.mean()]).detach() / accumulation
 
     finite = True
-    if nonfinite == "skip":
-        total = step_losses.sum()
+    if nonfinite == "skip":  # the host decides whether to step: one device sync per step (a skip on the device
+        total = step_losses.sum()  # would need copies of the weights, EMA and optimizer state), so not the default
         if world_size > 1:
             dist.all_reduce(total)
         finite = bool(torch.isfinite(total))
