@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config.runtime import (IMAGE_EXTENSIONS, adm_center_crop, configure, fail, list_images, load_checkpoint, load_rgb,
-                            progress_printer, save_png, setup_distributed, write_atomically)
+from config.runtime import (IMAGE_EXTENSIONS, adm_center_crop, configure, explain, fail, list_images, load_checkpoint,
+                            load_rgb, progress_printer, save_png, setup_distributed, write_atomically)
 
 # inputs and outputs
 samples = ""            # path; folder of images, ADM .npz (arr_0, labels arr_1) or stats .npz
@@ -224,7 +224,7 @@ def load_inception(path=None, device="cpu", allow_unsafe=False):
         try:
             state = torch.hub.load_state_dict_from_url(inception_url, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 -- offline, proxy, HTTP errors: all mean "no weights"
-            fail(f"could not get the FID Inception weights ({type(e).__name__}: {' '.join(str(e).split())}). Download "
+            fail(f"could not get the FID Inception weights ({explain(e)}). Download "
                  f"{inception_url} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}/ or pass "
                  "--inception_weights=PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth also works)")
     model = FIDInception(with_fc=isinstance(state, dict) and "fc.weight" in state)
@@ -413,7 +413,7 @@ def read_rgb(path):
     try:
         return load_rgb(path)
     except Exception as e:  # noqa: BLE001 -- PIL raises many types for broken files
-        fail(f"{path} is not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:200]}); replace it")
+        fail(f"{path} is not a readable image ({explain(e)}); replace it")
 
 
 def open_folder(folder, size):
@@ -447,7 +447,7 @@ def open_npz(path):
                                          else np.lib.format.read_array_header_2_0(f))
                 offset = f.tell()
     except Exception as e:  # noqa: BLE001 -- zip, zlib and numpy raise many types for broken files
-        fail(f"{path} is not a readable .npz ({type(e).__name__}: {' '.join(str(e).split())[:200]}); it may be "
+        fail(f"{path} is not a readable .npz ({explain(e)}); it may be "
              "truncated: write it again")
     complete = {"mu", "sigma"} <= set(keys) and ("mu_s" in keys) == ("sigma_s" in keys)
     if ("mu" in keys or "sigma" in keys) and not complete:

@@ -28,8 +28,9 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import save
 
-from config.runtime import (IMAGE_EXTENSIONS, adm_center_crop, configure, fail, load_rgb, prepare_out_dir,
-                            progress_printer, save_checkpoint, save_png, setup_distributed, write_atomically)
+from config.runtime import (IMAGE_EXTENSIONS, adm_center_crop, configure, explain, fail, load_rgb, prepare_out_dir,
+                            progress_printer, safetensors_layout, save_checkpoint, save_png, setup_distributed,
+                            walk_once, write_atomically)
 from vavae import load_autoencoder, uint8_to_images
 
 # data
@@ -69,14 +70,7 @@ def scan_image_folder(root):
         fail(f"data folder {root} has no class subfolders (expected {root}/<class>/<image>)")
     files, ignored = [], 0
     for label, name in enumerate(classes):
-        walked, seen = [], set()
-        for folder, subfolders, names in os.walk(os.path.join(root, name), followlinks=True):
-            if os.path.realpath(folder) in seen:
-                subfolders.clear()
-                continue
-            seen.add(os.path.realpath(folder))
-            subfolders.sort()  # the same path to a linked folder on every run
-            walked.append((folder, names))
+        walked = list(walk_once(os.path.join(root, name)))
         images = [(os.path.join(folder, n), label) for folder, names in sorted(walked) for n in sorted(names)
                   if n.lower().endswith(IMAGE_EXTENSIONS)]
         ignored += sum(len(names) for _, names in walked) - len(images)
@@ -105,7 +99,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             return index, np.asarray(adm_center_crop(load_rgb(path), self.size)), label, None
         except Exception as e:  # noqa: BLE001 -- PIL raises many types for broken files
-            return index, None, label, f"{path} ({type(e).__name__}: {e})"
+            return index, None, label, f"{path} ({explain(e)})"
 
 
 def collate_good(items):
@@ -202,11 +196,9 @@ def shard_done(path):
     """Whether path holds a finished shard. A cheap check catches a copy cut short (the header parses, names our three
     tensors, and the file ends where it says the data ends); such a shard is reported and encoded again."""
     try:
-        with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size)) if header_size < os.path.getsize(path) else {}
-        end = max(entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__")
-        whole = {"latents", "latents_flip", "labels"} <= set(header) and os.path.getsize(path) == 8 + header_size + end
+        layout = safetensors_layout(path)
+        whole = {"latents", "latents_flip", "labels"} <= set(layout) and \
+            os.path.getsize(path) == max(end for *_, end in layout.values())
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # missing or damaged
         whole = False
     if not whole and os.path.exists(path):

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from config.runtime import (configure, fail, load_latent_stats, prepare_out_dir, progress_printer, save_png,
-                            setup_distributed, write_atomically)
+from config.runtime import (configure, explain, fail, load_latent_stats, prepare_out_dir, progress_printer,
+                            save_png, setup_distributed, write_atomically)
 from dit import load_dit, sample
 from vavae import denormalize_latents, images_to_uint8, load_autoencoder
 
@@ -82,7 +82,7 @@ def read_png(i):
         with Image.open(png_path(i)) as image:
             return np.asarray(image.convert("RGB"))
     except Exception as e:  # noqa: BLE001 -- PIL raises many types for broken files
-        fail(f"{png_path(i)} is unreadable ({type(e).__name__}: {e}); delete it and rerun to draw it again")
+        fail(f"{png_path(i)} is unreadable ({explain(e)}); delete it and rerun to draw it again")
 
 
 def write_npz(path, image_labels):

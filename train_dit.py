@@ -15,7 +15,6 @@ storing generator states.
 import bisect
 import collections
 import glob
-import json
 import math
 import os
 import time
@@ -27,8 +26,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config.runtime import (MetricsLog, batch_schedule, catch_stop_signals, check_resume, checkpoint_name,
-                            compile_and_autocast, configure, fail, latest_checkpoint, load_checkpoint, load_latent_stats,
-                            prepare_out_dir, save_checkpoint, save_png, setup_distributed, should_stop)
+                            compile_and_autocast, configure, explain, fail, latest_checkpoint, load_checkpoint,
+                            load_latent_stats, prepare_out_dir, safetensors_layout, save_checkpoint, save_png,
+                            setup_distributed, should_stop)
 from dit import DIT_SIZES, create_dit, load_state_dict_strict, rectified_flow_loss, sample, sample_timesteps
 
 # data
@@ -103,17 +103,11 @@ class LatentShards:
         self.mean, self.std = load_latent_stats(stats_path)
         self.shards, labels, self.shape = [], [], None
         for path in files:
-            try:  # the header: 8 bytes of length, then JSON {name: {dtype, shape, data_offsets}}
-                file = open(path, "rb")
-                header_size = int.from_bytes(file.read(8), "little")
-                header = json.loads(file.read(header_size)) if header_size < 100_000_000 else {}
-                layout = {k: (SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + header_size + v["data_offsets"][0])
-                          for k, v in header.items() if k in ("latents", "latents_flip", "labels")}
-                if 8 + header_size + max(v["data_offsets"][1] for v in header.values() if "data_offsets" in v) \
-                        > os.path.getsize(path):
-                    raise ValueError("the file is shorter than its header says: truncated")
+            try:
+                layout = {name: (SAFETENSORS_DTYPES[dtype], shape, begin) for name, (dtype, shape, begin, _) in
+                          safetensors_layout(path).items() if name in ("latents", "latents_flip", "labels")}
             except (OSError, ValueError, KeyError, TypeError) as e:
-                fail(f"shard {path} is unreadable ({type(e).__name__}: {e}); delete it and rerun prepare.py")
+                fail(f"shard {path} is unreadable ({explain(e)}); delete it and rerun prepare.py")
             if len(layout) != 3:
                 fail(f"shard {path} lacks latents, latents_flip or labels; rerun prepare.py")
             (dtype, shape, _), (label_dtype, label_shape, label_offset) = layout["latents"], layout["labels"]
@@ -125,7 +119,8 @@ class LatentShards:
             if self.shape is not None and shape[1:] != self.shape:
                 fail(f"shard {path} holds latents of shape {list(shape[1:])}, others {list(self.shape)}")
             self.shape = shape[1:]
-            memory = open(path, "rb").read() if in_memory else None
+            file = open(path, "rb")
+            memory = file.read() if in_memory else None
             self.shards.append((file, memory, dtype, dtype.itemsize * math.prod(self.shape),
                                 layout["latents"][2], layout["latents_flip"][2]))
             labels.append(self.read(len(self.shards) - 1, label_offset, label_dtype.itemsize * shape[0],
@@ -392,14 +387,16 @@ while step < total_steps and not stop:
         eta = metrics.log(step, record | ({"fid": fid_score} if fid_score is not None else {}))
         if master:
             print(f"step {step}/{total_steps} epoch {record['epoch']:.2f} | loss {record['loss']:.4f} (mse "
-                  f"{mse_avg:.4f} cos {cos_avg:.4f}) | {log_steps / elapsed:.2f} steps/s {record['img_per_s']:.0f} img/s"
+                  f"{mse_avg:.4f} cos {cos_avg:.4f}) | {log_steps / elapsed:.2f} steps/s "
+                  f"{record['img_per_s']:.0f} img/s"
                   + (f" | MFU {record['mfu']:.1%}" if peak_flops else "") + f" | eta {eta}", flush=True)
         loss_sums.zero_()
         log_steps, log_time = 0, time.time()
     elif fid_score is not None:
         metrics.log(step, {"fid": fid_score})
     if fid_score is not None and master:
-        print(f"step {step} | FID {fid_score:.2f} ({fid_num_samples} EMA samples, guidance {fid_cfg_scale})", flush=True)
+        print(f"step {step} | FID {fid_score:.2f} ({fid_num_samples} EMA samples, guidance {fid_cfg_scale})",
+              flush=True)
     if sample_every and master and (step % sample_every == 0 or last):
         save_sample_grid(step)
     if step % ckpt_every == 0 or last or stop:
@@ -408,6 +405,4 @@ while step < total_steps and not stop:
 if world_size > 1:
     dist.destroy_process_group()
 if master:
-    print(f"{'stopped by a signal; rerun the same command to resume' if stop and step < total_steps else 'done'}: "
-          f"step {step}/{total_steps}; {metrics.summary(step, global_batch_size, 'loss')}; checkpoints, metrics.jsonl "
-          f"and metrics.png in {out_dir}")
+    print(metrics.summary(step, global_batch_size, "loss"))

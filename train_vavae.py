@@ -142,7 +142,7 @@ def average_gradients(params):
 
 @torch.no_grad()
 def save_image_grid(step):
-    """The same (up to) 8 center crops for the whole run (top row) over their reconstructions from the posterior mean."""
+    """The same (up to) 8 crops for the whole run (top row) over their reconstructions from the posterior mean."""
     with autocast:
         recon = autoencoder.decode(autoencoder.encode(grid_images).mean)
     rows = images_to_uint8(torch.cat([grid_images, recon.float()])).cpu()  # (2n, H, W, 3)
@@ -242,9 +242,10 @@ if use_compile:  # in place, so that state_dict keys keep their names
         if module is not None:
             module.compile()
 decoder_last, encoder_last = autoencoder.decoder.conv_out.weight, autoencoder.encoder.conv_out.weight
-grid_images = [RandomCrops(files, image_size)[(i, 0)] for i in range(0, len(files), len(files) // 8 or 1)][:8]
-grid_images = torch.stack([x for x in grid_images if x is not None] or [torch.zeros(3, image_size, image_size)])
-grid_images = grid_images.to(device)  # spread over the data set, one fixed crop each: progress can be compared
+if master and image_every:  # 8 images spread over the data set, one fixed crop each: progress can be compared
+    grid_images = [RandomCrops(files, image_size)[(i, 0)] for i in range(0, len(files), len(files) // 8 or 1)][:8]
+    grid_images = torch.stack([x for x in grid_images if x is not None] or [torch.zeros(3, image_size, image_size)])
+    grid_images = grid_images.to(device)
 metrics = MetricsLog(out_dir, step, total_steps, master)
 if master:
     print(f"{sum(p.numel() for p in autoencoder.parameters()):,} autoencoder parameters; {len(files):,} images; "
@@ -368,6 +369,4 @@ if world_size > 1:
 if master:
     if skipped:
         print(f"warning: skipped {skipped} unreadable image(s) (their batches were smaller)")
-    print(f"{'stopped by a signal; rerun the same command to resume' if stop and step < total_steps else 'done'}: "
-          f"step {step}/{total_steps}; {metrics.summary(step, global_batch_size, 'l1')}; checkpoints, metrics.jsonl "
-          f"and metrics.png in {out_dir}")
+    print(metrics.summary(step, global_batch_size, "l1"))

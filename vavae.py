@@ -29,7 +29,7 @@ except RuntimeError as e:  # CUDA torchvision wheel next to CPU torch: declare i
     import torchvision  # noqa: F401
 import timm
 
-from config.runtime import load_checkpoint
+from config.runtime import explain, load_checkpoint
 
 AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
@@ -313,10 +313,9 @@ class FoundationModel(nn.Module):
         except Exception as e:  # noqa: BLE001 -- timm's download, or its own torch.load of a local file
             if weights == "random":
                 raise
-            reason = ("it holds pickled Python objects beyond tensors: save the model's plain state_dict"
-                      if "Unsupported global" in str(e) else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
-            raise SystemExit(f"error: could not load the {name} weights from {'the hub' if overlay is None else weights} "
-                             f"({reason}); give --vf_weights=a local weights file of that model") from None
+            source = "the hub" if overlay is None else weights
+            raise SystemExit(f"error: could not load the {name} weights from {source} ({explain(e)}); give "
+                             "--vf_weights=a local weights file of that model") from None
         self.model.requires_grad_(False)
         self.image_size, self.imagenet_norm = image_size, imagenet_norm
         self.grid = image_size // self.model.patch_embed.patch_size[0]
@@ -423,8 +422,8 @@ class LPIPS(nn.Module):
             try:
                 features = torchvision.models.vgg16(weights=torchvision.models.VGG16_Weights.IMAGENET1K_V1).features
             except Exception as e:  # noqa: BLE001 -- offline, proxy, HTTP errors: all mean "no backbone"
-                raise SystemExit(f"error: could not get torchvision's VGG16 weights for LPIPS ({type(e).__name__}: "
-                                 f"{e}); put vgg16-397923af.pth into the torch hub cache or use LPIPS weights "
+                raise SystemExit(f"error: could not get torchvision's VGG16 weights for LPIPS ({explain(e)}); "
+                                 f"put vgg16-397923af.pth into the torch hub cache or use LPIPS weights "
                                  "that include the backbone (net.*)") from None
         self.net = nn.Module()  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 outputs
         for i, (start, end) in enumerate([(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)]):

@@ -38,6 +38,11 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+def explain(error):
+    """An exception as one short line for an error message: its type and its text, white space folded."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # settings
 
@@ -214,8 +219,8 @@ def setup_distributed(timeout_minutes=10):
 
     def report_timeout(kind, error, traceback):
         if "timed out" in str(error).lower():  # gloo's and NCCL's words for a collective past its timeout
-            print(f"error: rank {rank} waited more than {timeout_minutes:g} min for the other ranks ({kind.__name__}: "
-                  f"{str(error).splitlines()[0][:200]}). Another rank is stuck or gone; rerun, and under torchrun "
+            print(f"error: rank {rank} waited more than {timeout_minutes:g} min for the other ranks ({explain(error)})"
+                  ". Another rank is stuck or gone; rerun, and under torchrun "
                   "--max-restarts the job resumes from its last checkpoint by itself", file=sys.stderr, flush=True)
         else:
             sys.__excepthook__(kind, error, traceback)
@@ -364,12 +369,30 @@ def load_checkpoint(path, allow_unsafe=False, need=(), hint=""):
         if "Unsupported global" in str(e):
             fail(f"{path} holds pickled Python objects beyond tensors (e.g. a PyTorch Lightning checkpoint) and was "
                  "not loaded. Only if you trust its source, rerun with --allow_unsafe_checkpoint=True")
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+        fail(f"{path} is not a readable checkpoint ({explain(e)}); "
              "it may be truncated or corrupt")
     missing = [k for k in need if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         fail(f"{path} lacks {', '.join(missing)}{hint}")
     return checkpoint
+
+
+def safetensors_layout(path):
+    """{name: (dtype name, shape, first byte, end byte)} of the tensors of a safetensors file (8 bytes of header length,
+    then a JSON header), without reading them. A broken header or a file that ends before its data (a copy cut short)
+    raises ValueError; a malformed entry KeyError or TypeError."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if not 2 <= header_size < size:
+            raise ValueError("no safetensors header")
+        header = json.loads(f.read(header_size))
+    start = 8 + header_size
+    layout = {name: (entry["dtype"], tuple(entry["shape"]), start + entry["data_offsets"][0],
+                     start + entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"}
+    if max((end for *_, end in layout.values()), default=start) > size:
+        raise ValueError("the file is shorter than its header says: truncated")
+    return layout
 
 
 def load_latent_stats(path):
@@ -391,18 +414,23 @@ def load_latent_stats(path):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's list
 
 
-def list_images(root):
-    """Image files under root in sorted order, symlinked folders followed once (a link loop is not a new folder)."""
-    files, seen = [], set()
+def walk_once(root):
+    """(folder, file names) for each folder under root: symlinked folders are followed, but each real folder is read
+    once, so a link loop ends."""
+    seen = set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
+        if os.path.realpath(folder) in seen:
             subfolders.clear()
             continue
-        seen.add(real)
-        subfolders.sort()
-        files += [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(files)
+        seen.add(os.path.realpath(folder))
+        subfolders.sort()  # the same path to a linked folder on every run
+        yield folder, names
+
+
+def list_images(root):
+    """Image files under root in sorted order (walk_once)."""
+    return sorted(os.path.join(folder, n) for folder, names in walk_once(root) for n in names
+                  if n.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def load_rgb(path):
@@ -516,11 +544,13 @@ class MetricsLog:
                          lambda f: image.save(f, format="PNG"))
 
     def summary(self, step, images_per_step, key):
-        """The run's closing line: time, images seen, the last and best value of `key`."""
-        text = (f"{step - self.start_step} steps in {format_duration(time.time() - self.start_time)}, "
-                f"{(step - self.start_step) * images_per_step:,} images seen")
+        """The run's closing line: why it ended, time, images seen, the last and best value of `key`, where it all is."""
+        ended = "done" if step == self.total_steps else "stopped by a signal; rerun the same command to resume"
+        text = (f"{ended}: step {step}/{self.total_steps}; {step - self.start_step} steps in "
+                f"{format_duration(time.time() - self.start_time)}, {(step - self.start_step) * images_per_step:,} "
+                "images seen")
         values = [(r[key], r["step"]) for r in self.records if isinstance(r.get(key), float)]
         if values:
             best = min(values)
             text += f"; {key} last {values[-1][0]:.4f}, best {best[0]:.4f} at step {best[1]}"
-        return text
+        return text + f"; checkpoints, metrics.jsonl and metrics.png in {os.path.dirname(self.path)}"
