@@ -106,7 +106,10 @@ def write_npz(path, image_labels):
 
 
 def labelled_grid(images, captions, columns, caption_height=14):
-    """Tile (N, H, W, 3) images in rows of `columns`, each with its caption underneath."""
+    """Tile (N, H, W, 3) images in rows of `columns`, each with its caption underneath; images narrower than 64 px
+    are enlarged (nearest pixel) by a whole factor, so that the caption fits and the pixels stay visible."""
+    zoom = -(-64 // images.shape[2])
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     n, h, w, _ = images.shape
     rows = -(-n // columns)
     grid = Image.new("RGB", (columns * w, rows * (h + caption_height)), "white")

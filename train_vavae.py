@@ -35,10 +35,12 @@ from vavae import (AutoencoderKL, FoundationModel, LPIPS, NLayerDiscriminator, V
 
 # data
 data_dir = "data/imagenet/train"  # path; one subfolder per class
-image_size = 256  # >= 16; training crop, a multiple of 16; the latent is image_size / 16
+image_size = 256  # >= 16; training crop, a multiple of the downsampling 2^(len(ch_mult) - 1) (16 as released)
 num_workers = 8  # >= 0; image decoding processes per rank
-# autoencoder (the released f16d32; only the width and latent channels are exposed)
+# autoencoder (the released f16d32 by default)
 ch = 128  # >= 32; width, a multiple of 32 (GroupNorm has 32 groups)
+ch_mult = (1, 1, 2, 2, 4)  # ints; width of each resolution level in units of ch; the latent is image_size / 2^(levels - 1)
+num_res_blocks = 2  # >= 1; resnet blocks per level (the decoder has one more)
 embed_dim = 32  # >= 1; latent channels
 init_from = ""  # path; start from these weights (a checkpoint or a folder of them; the released file works too)
 # VF loss (paper section 3.2)
@@ -161,8 +163,11 @@ use_compile, autocast = compile_and_autocast(device, compile, bf16)
 if master:
     print("config:", config)
 
-if image_size % 16 or ch % 32:
-    fail(f"image_size ({image_size}) must be a multiple of 16 and ch ({ch}) of 32 (GroupNorm has 32 groups)")
+if not ch_mult or min(ch_mult) < 1:
+    fail(f"ch_mult {ch_mult} must hold one positive width multiple per level, e.g. (1, 1, 2, 2, 4)")
+if image_size % 2 ** (len(ch_mult) - 1) or ch % 32:
+    fail(f"image_size ({image_size}) must be a multiple of {2 ** (len(ch_mult) - 1)} (ch_mult has {len(ch_mult)} levels) "
+         f"and ch ({ch}) of 32 (GroupNorm has 32 groups)")
 
 if not os.path.isdir(data_dir):
     fail(f"data_dir {data_dir} is not a folder (expected an ImageNet-layout folder: {data_dir}/<class>/<image>)")
@@ -175,7 +180,8 @@ if master:
     prepare_out_dir(out_dir)  # writable? now, not at the first checkpoint hours later
 
 torch.manual_seed(seed)  # the same initial weights on every rank
-autoencoder = AutoencoderKL(ch=ch, z_channels=embed_dim, embed_dim=embed_dim).to(device)
+autoencoder = AutoencoderKL(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=embed_dim,
+                            embed_dim=embed_dim).to(device)
 discriminator = NLayerDiscriminator().to(device)
 lpips = LPIPS(lpips_weights, allow_unsafe_checkpoint).to(device) if perceptual_weight > 0 else None
 if lpips:
