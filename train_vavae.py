@@ -199,6 +199,8 @@ trained = {"autoencoder": autoencoder, "discriminator": discriminator} | ({"vf_l
 ae_params = list(autoencoder.parameters()) + (list(vf_loss.parameters()) if vf_loss else [])
 optimizer_ae = torch.optim.Adam(ae_params, lr=lr, betas=(beta1, beta2))
 optimizer_disc = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, beta2))
+for p in discriminator.parameters():  # zero gradients until disc_start: Adam counts those steps, as released
+    p.grad = torch.zeros_like(p)
 
 step = 0
 resume_path = latest_checkpoint(out_dir)
@@ -284,11 +286,12 @@ batches = iter(loader)
 LOG_NAMES = ("loss", "nll_sum", "l1", "lpips", "kl", "vf_loss", "vf_weight", "g_loss", "d_weight", "d_loss")
 GAN_NAMES = ("g_loss", "d_weight", "d_loss")  # shown once the GAN has started
 log_sums, log_steps, log_time, skipped, stop = torch.zeros(len(LOG_NAMES), device=device), 0, time.time(), 0, False
+zero = torch.zeros((), device=device)
 for group in optimizer_ae.param_groups + optimizer_disc.param_groups:
     group["lr"] = lr  # this run's learning rate, also after a resume
 while step < total_steps and not stop:
     torch.manual_seed((seed * 1_000_003 + step) * world_size + rank)  # posterior noise and LPIPS dropout of this step
-    disc_factor = 1.0 if step >= disc_start else 0.0
+    gan = step >= disc_start  # before it the GAN terms are multiplied by 0: not computed, the same update
     step_logs, decoded = torch.zeros(len(LOG_NAMES), device=device), 0
     for k in range(accumulation):
         x, failed = next(batches)
@@ -311,19 +314,23 @@ while step < total_steps and not stop:
             nll = rec_loss.sum() / batch  # summed over pixels and channels, averaged over the batch, as released
             kl = posterior.kl().sum() / batch
             discriminator.requires_grad_(False)  # the generator loss trains the autoencoder only
-            g_loss = -discriminator(recon).mean()  # BatchNorm in train mode (batch statistics) as released
+            g_loss = -discriminator(recon).mean() if gan else zero  # BatchNorm in train mode (batch statistics)
             discriminator.requires_grad_(True)
-            vf = vf_loss(z, foundation(x)) if foundation else torch.zeros((), device=device)  # LDM baseline: none
-        nll_grad_dec, nll_grad_enc = torch.autograd.grad(nll, [decoder_last, encoder_last], retain_graph=True)
-        d_weight = adaptive_weight(nll_grad_dec, g_loss, decoder_last, 1e4) * disc_weight
-        w_vf = adaptive_weight(nll_grad_enc, vf, encoder_last, 1e8) * vf_weight if foundation else torch.zeros_like(vf)
-        loss = nll + kl_weight * kl + d_weight * disc_factor * g_loss + w_vf * vf
+            vf = vf_loss(z, foundation(x)) if foundation else zero  # LDM baseline: none
+        if gan or foundation:
+            nll_grad_dec, nll_grad_enc = torch.autograd.grad(nll, [decoder_last, encoder_last], retain_graph=True)
+        d_weight = adaptive_weight(nll_grad_dec, g_loss, decoder_last, 1e4) * disc_weight if gan else zero
+        w_vf = adaptive_weight(nll_grad_enc, vf, encoder_last, 1e8) * vf_weight if foundation else zero
+        loss = nll + kl_weight * kl + d_weight * g_loss + w_vf * vf
         (loss / accumulation).backward()
 
         # discriminator: hinge loss on the same images and reconstructions
-        with autocast:
-            d_loss = disc_factor * hinge_d_loss(discriminator(x), discriminator(recon.detach()))
-        (d_loss / accumulation).backward()
+        if gan:
+            with autocast:
+                d_loss = hinge_d_loss(discriminator(x), discriminator(recon.detach()))
+            (d_loss / accumulation).backward()
+        else:
+            d_loss = zero
         values = (loss, nll, l1.mean(), p_loss.mean(), kl, vf, w_vf, g_loss, d_weight, d_loss)
         step_logs += torch.stack([v.detach().float() for v in values]) / accumulation
 

@@ -1,6 +1,6 @@
 #!/bin/sh
 # The whole pipeline on the built-in demo dataset (no download; about 15 minutes on 2 CPU cores):
-#   demo images -> tiny VA-VAE with the VF loss -> latent shards -> tiny LightningDiT -> sample grid + FID.
+#   demo images -> tiny VA-VAE -> latent shards -> tiny LightningDiT -> sample grid, FID and class accuracy.
 # Run from the repository root:  PYTHON=.venv/bin/python sh config/demo.sh
 # Each stage is one script with a config file; rerunning resumes every stage where it stopped.
 # DEMO_QUICK=1 runs every stage for a few steps only (the test suite does this).
@@ -14,12 +14,12 @@ if [ -n "$DEMO_QUICK" ]; then
 fi
 
 echo "== 1/6 demo images: $OUT/images"
-[ -d "$OUT/images" ] || $PY prepare.py --make_demo="$OUT/images" $DEMO_SIZE
-echo "== 2/6 VA-VAE with the VF loss: $OUT/vavae"
-echo "(offline, the VF loss aligns the latent to an untrained DINOv2-S: it runs the code, it cannot show its effect)"
+[ -d "$OUT/images" ] || $PY prepare.py --make_demo="$OUT/images" --demo_image_size=32 $DEMO_SIZE
+echo "== 2/6 VA-VAE: $OUT/vavae"
+echo "(without the VF loss: offline there are no DINOv2 weights to align to; config/demo_vavae.py says how to add them)"
 $PY train_vavae.py config/demo_vavae.py --data_dir="$OUT/images" --out_dir="$OUT/vavae" $VAVAE_STEPS
 echo "== 3/6 latents: $OUT/latents"
-$PY prepare.py --data_dir="$OUT/images" --vavae_path="$OUT/vavae" --out_dir="$OUT/latents" --image_size=64 \
+$PY prepare.py --data_dir="$OUT/images" --vavae_path="$OUT/vavae" --out_dir="$OUT/latents" --image_size=32 \
     --num_workers=1
 echo "== 4/6 LightningDiT: $OUT/dit"
 $PY train_dit.py config/demo_dit.py --data_dir="$OUT/latents" --out_dir="$OUT/dit" --vavae_path="$OUT/vavae" $DIT_STEPS
@@ -29,8 +29,9 @@ SAMPLE="--dit_path=$OUT/dit --vavae_path=$OUT/vavae --latent_stats_path=$OUT/lat
 $PY sample.py $SAMPLE --mode=grid --grid_labels="[0,1,2,3,4,5,6,7,8,9]" --grid_seeds="(0,1,2,3)" --out_dir="$OUT"
 $PY sample.py $SAMPLE --mode=fid --num_images=300 --labels=balanced --batch_size=100 --out_dir="$OUT/samples" $FID_IMAGES
 echo "== 6/6 FID and class accuracy of the samples; reconstruction PSNR of the VA-VAE on 100 more demo images"
-[ -d "$OUT/recon_check" ] || $PY prepare.py --make_demo="$OUT/recon_check" --demo_images_per_class=${RECON_IMAGES:-10}
-FID="--image_size=64 --inception_weights=${INCEPTION_WEIGHTS:-}"
+[ -d "$OUT/recon_check" ] || $PY prepare.py --make_demo="$OUT/recon_check" --demo_image_size=32 \
+    --demo_images_per_class=${RECON_IMAGES:-10}
+FID="--image_size=32 --batch_size=4 --inception_weights=${INCEPTION_WEIGHTS:-}"  # small batches: faster on a CPU
 if $PY fid.py --samples="$OUT/samples/samples.npz" --reference="$OUT/images" --out_json="$OUT/fid.json" $FID &&
         $PY fid.py --samples="$OUT/recon_check" --reconstruct_with="$OUT/vavae" --out_json="$OUT/recon.json" $FID; then
     $PY - > "$OUT/results.txt" <<EOF

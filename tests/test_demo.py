@@ -78,8 +78,8 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = tmp_path / "demo"
     grid = Image.open(out / "grid.png")
-    assert grid.width >= 10 * 64 and grid.height >= 4 * 64
-    assert np.load(out / "samples" / "samples.npz")["arr_0"].shape == (20, 64, 64, 3)
+    assert grid.size == (10 * 64, 4 * (64 + 14))  # 32 px samples shown at 2x, each over its caption
+    assert np.load(out / "samples" / "samples.npz")["arr_0"].shape == (20, 32, 32, 3)
     last_lines = "\n".join(result.stdout.strip().splitlines()[-3:])  # the final lines say where the outputs are
     for path in (f"{out}/grid.png", f"{out}/dit/samples_*.png", f"{out}/vavae, {out}/dit"):
         assert path in last_lines
@@ -89,7 +89,7 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
         results = result.stdout.split("== results (")[1]  # the closing block: time, PSNR, FID, class accuracy
         assert re.match(r"\d+ s in all\)\nrecon PSNR [0-9.]+ dB \| FID [0-9.]+ \(20 samples\) \| class accuracy "
                         r"\d+%\n", results), results
-        assert Image.open(out / "recon.reconstructions.png").size == (8 * 64, 2 * 64)  # 8 of 10 images over theirs
+        assert Image.open(out / "recon.reconstructions.png").size == (8 * 32, 2 * 32)  # 8 of 10 images over theirs
     else:
         assert "FID skipped" in result.stdout
 
