@@ -39,7 +39,7 @@ image_size = 256  # >= 16; training crop, a multiple of the downsampling 2^(len(
 num_workers = 8  # >= 0; image decoding processes per rank
 # autoencoder (the released f16d32 by default)
 ch = 128  # >= 32; width, a multiple of 32 (GroupNorm has 32 groups)
-ch_mult = (1, 1, 2, 2, 4)  # ints; width of each resolution level in units of ch; the latent is image_size / 2^(levels - 1)
+ch_mult = (1, 1, 2, 2, 4)  # ints; width of each resolution level in units of ch; latent side image_size / 2^(levels-1)
 num_res_blocks = 2  # >= 1; resnet blocks per level (the decoder has one more)
 embed_dim = 32  # >= 1; latent channels
 init_from = ""  # path; start from these weights (a checkpoint or a folder of them; the released file works too)
@@ -166,8 +166,8 @@ if master:
 if not ch_mult or min(ch_mult) < 1:
     fail(f"ch_mult {ch_mult} must hold one positive width multiple per level, e.g. (1, 1, 2, 2, 4)")
 if image_size % 2 ** (len(ch_mult) - 1) or ch % 32:
-    fail(f"image_size ({image_size}) must be a multiple of {2 ** (len(ch_mult) - 1)} (ch_mult has {len(ch_mult)} levels) "
-         f"and ch ({ch}) of 32 (GroupNorm has 32 groups)")
+    fail(f"image_size ({image_size}) must be a multiple of {2 ** (len(ch_mult) - 1)} (ch_mult has {len(ch_mult)} "
+         f"levels) and ch ({ch}) of 32 (GroupNorm has 32 groups)")
 
 if not os.path.isdir(data_dir):
     fail(f"data_dir {data_dir} is not a folder (expected an ImageNet-layout folder: {data_dir}/<class>/<image>)")

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The whole pipeline on the built-in demo dataset (no download; about 15 minutes on 2 CPU cores):
+# The whole pipeline on the built-in demo dataset (no download; about 12 minutes on 2 CPU cores):
 #   demo images -> tiny VA-VAE -> latent shards -> tiny LightningDiT -> sample grid, FID and class accuracy.
 # Run from the repository root:  PYTHON=.venv/bin/python sh config/demo.sh
 # Each stage is one script with a config file; rerunning resumes every stage where it stopped.
@@ -16,7 +16,7 @@ fi
 echo "== 1/6 demo images: $OUT/images"
 [ -d "$OUT/images" ] || $PY prepare.py --make_demo="$OUT/images" --demo_image_size=32 $DEMO_SIZE
 echo "== 2/6 VA-VAE: $OUT/vavae"
-echo "(without the VF loss: offline there are no DINOv2 weights to align to; config/demo_vavae.py says how to add them)"
+echo "(no VF loss: offline there are no DINOv2 weights to align to; config/demo_vavae.py says how to add them)"
 $PY train_vavae.py config/demo_vavae.py --data_dir="$OUT/images" --out_dir="$OUT/vavae" $VAVAE_STEPS
 echo "== 3/6 latents: $OUT/latents"
 $PY prepare.py --data_dir="$OUT/images" --vavae_path="$OUT/vavae" --out_dir="$OUT/latents" --image_size=32 \

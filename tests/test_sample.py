@@ -178,8 +178,10 @@ def test_write_error_in_the_writer_thread_stops_the_run_with_one_line(models, tm
 
 
 def test_compiled_sampling_matches_eager(models, tmp_path, monkeypatch):
-    """--compile=True samples with torch.compile'd DiT; its latents match eager ones to the float32 floor of test_dit.py
-    (ATOL 1e-5) and the images to one level. One guided batch, so that it compiles once."""
+    """--compile=True samples with torch.compile'd DiT; its latents match eager ones to the float32 floor and the
+    images to one level. One guided batch, so that it compiles once. The floor: the release's own guided output moves by
+    up to 4.5e-6 per call (golden README, cfg 4), and the 3 guided Euler calls of num_steps=4 can each add theirs
+    (seen: 1.1e-5 on an AVX-512 CPU, where inductor's fused reductions sum in another order than eager's)."""
     calls = []
 
     def recording_sample(model, *args, **kwargs):
@@ -194,7 +196,7 @@ def test_compiled_sampling_matches_eager(models, tmp_path, monkeypatch):
     (eager_model, eager), (compiled_model, compiled) = calls
     assert isinstance(compiled_model, torch._dynamo.eval_frame.OptimizedModule)
     assert not isinstance(eager_model, torch._dynamo.eval_frame.OptimizedModule)
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compiled, eager, atol=3 * 4.5e-6, rtol=0)
     images = [np.asarray(Image.open(tmp_path / run / "grid.png")).astype(int) for run in ("eager", "compiled")]
     assert np.abs(images[0] - images[1]).max() <= 1
 

@@ -323,7 +323,7 @@ def release_checkpoint(path, seed):
                            num_classes=4)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
-    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    ema = {k: v + 0.01 for k, v in model.state_dict().items()}  # other, sane weights (+1 gave NaN gradients)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "ema": ema, "opt": {},
                 "args": argparse.Namespace(model="LightningDiT-B/1")}, path)
