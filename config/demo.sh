@@ -1,5 +1,5 @@
 #!/bin/sh
-# The whole pipeline on the built-in demo dataset (no download; about 12 minutes on 2 CPU cores):
+# The whole pipeline on the built-in demo dataset (no download; about 13 minutes on 2 CPU cores):
 #   demo images -> tiny VA-VAE -> latent shards -> tiny LightningDiT -> sample grid, FID and class accuracy.
 # Run from the repository root:  PYTHON=.venv/bin/python sh config/demo.sh
 # Each stage is one script with a config file; rerunning resumes every stage where it stopped.
